@@ -1,0 +1,272 @@
+"""The torch.compile backend and the user-facing doors: ``optimize`` and ``explain``.
+
+Data flow: Dynamo hands a torch-level GraphModule to :func:`attnfuse_backend`; every softmax and
+SDPA call is matched (canonicalize + match), a kernel is chosen per site, the site is rewritten
+into ``attnfuse::attention``, and the graph goes to the inner compiler (Inductor by default).
+Autograd is derived later by AOTAutograd, through the op's registered backward.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch.fx import GraphModule, Node
+
+from . import ops  # noqa: F401  (registers torch.ops.attnfuse.*)
+from .kernels import registry
+from .passes import canonicalize as C
+from .passes.match import Match, match_softmax, module_path, softmax_nodes, source_location, spec_of
+from .passes.rewrite import rewrite_sdpa, rewrite_site
+from .report import Report, Site
+from .spec import AttentionSpec, MaskSpec, Reject, TensorInfo
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("exact",)
+INNER = ("inductor", "eager")
+
+
+@dataclass(frozen=True)
+class Options:
+    """How attnfuse compiles a model."""
+
+    policy: str = "exact"
+    """Which kernels may run a site: ``"exact"`` allows only kernels that compute the same function
+    within floating-point error (quantized and sparse policies come with their kernels)."""
+    inner: str = "inductor"
+    """The compiler for the rest of the graph: ``"inductor"`` or ``"eager"`` (for debugging)."""
+    kernel: Optional[str] = None
+    """Force one kernel (``"flash"``, ``"reference"``) on every site it supports; ``None`` = choose."""
+    keep_sdpa: bool = True
+    """Leave existing SDPA calls on PyTorch's backends unless ``kernel`` forces another."""
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.inner not in INNER:
+            raise ValueError(f"inner must be one of {INNER}, got {self.inner!r}")
+        if self.kernel is not None and self.kernel not in registry.kernel_names():
+            raise ValueError(f"kernel must be one of {registry.kernel_names()} or None, "
+                             f"got {self.kernel!r}")
+
+    @staticmethod
+    def parse(options: Optional[dict[str, Any]]) -> "Options":
+        options = dict(options or {})
+        names = {f.name for f in dataclasses.fields(Options)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ValueError(f"unknown attnfuse option(s) {unknown}; expected some of {sorted(names)}")
+        return Options(**options)
+
+
+def _choose(q: Any, k: Any, v: Any, mask: Any, causal: str, opts: Options) -> tuple[Optional[str], str, dict]:
+    """Kernel for one site: ``(name or None, why, {rejected: reasons})``."""
+    m4 = ops.as_4d(mask)
+    if opts.kernel not in (None, "auto"):
+        reasons = registry.rejections(opts.kernel, q, k, v, m4, causal)
+        if reasons:
+            return None, f"kernel={opts.kernel!r} was forced but cannot run this site: " + "; ".join(reasons), {opts.kernel: reasons}
+        return opts.kernel, f"kernel={opts.kernel!r} forced by options", {}
+    name, rejected = registry.select(q, k, v, m4, causal)
+    order = " > ".join(registry.PREFERENCE.get(torch.device(q.device).type, ("reference",)))
+    why = f"{name}: first supported kernel on {torch.device(q.device).type} ({order})"
+    if rejected:
+        why += "; " + "; ".join(f"{n} rejected: {', '.join(r)}" for n, r in rejected.items())
+    return name, why, rejected
+
+
+def _mask_meta(m: Match) -> Optional[torch.Tensor]:
+    """A stand-in for the combined mask's metadata (shape/dtype) without building it."""
+    if not m.masks:
+        return None
+    metas = [C.meta(t.node) for t in m.masks]
+    if all(x.dtype == torch.bool for x in metas):
+        return metas[0]
+    return next(x for x in metas if x.is_floating_point())
+
+
+def _eager_site(gm: GraphModule, sm: Node, inputs: Sequence[Any], opts: Options, gi: int) -> Site:
+    loc, mod = source_location(sm), module_path(sm)
+    m = match_softmax(sm, gm, inputs)
+    if isinstance(m, Reject):
+        return Site(0, gi, "eager_softmax", None, m.reason, location=loc, module_path=mod)
+    mask_meta = _mask_meta(m)
+    spec = spec_of(m, mask_meta, loc, mod)
+    qm, vm = C.meta(m.q), C.meta(m.v)
+    km = C.meta(m.k) if m.k_transposed else C.meta(m.k).transpose(-2, -1)
+    if qm.dim() == 3:
+        qm, km, vm = qm.unsqueeze(0), km.unsqueeze(0), vm.unsqueeze(0)
+    name, why, rejected = _choose(qm, km, vm, mask_meta, m.causal, opts)
+    if name is None:
+        return Site(0, gi, "eager_softmax", None, why, spec, loc, mod, rejected)
+    rewrite_site(gm, m, name, f"attnfuse: {spec.describe()} -> {name}")
+    return Site(0, gi, "eager_softmax", name, why, spec, loc, mod, rejected)
+
+
+def _sdpa_args(node: Node) -> dict[str, Any]:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    defaults = (None, None, None, None, 0.0, False, None, False)
+    out = dict(zip(names, defaults))
+    out.update(zip(names, node.args))
+    out.update(node.kwargs)
+    return out
+
+
+def _sdpa_site(gm: GraphModule, node: Node, opts: Options, gi: int) -> Site:
+    loc, mod = source_location(node), module_path(node)
+    a = _sdpa_args(node)
+    q, k, v, mask = a["query"], a["key"], a["value"], a["attn_mask"]
+    qm, km, vm = C.meta(q), C.meta(k), C.meta(v)
+    mm = C.meta(mask) if mask is not None else None
+    if a["dropout_p"] != 0:
+        return Site(0, gi, "sdpa", "sdpa", f"dropout_p={a['dropout_p']}: kept on PyTorch's SDPA "
+                    f"(fused dropout is not implemented yet)", location=loc, module_path=mod)
+    if not isinstance(a["is_causal"], bool) or not all(isinstance(x, torch.Tensor) for x in (qm, km, vm)):
+        return Site(0, gi, "sdpa", "sdpa", "is_causal or operand shapes are not static: kept",
+                    location=loc, module_path=mod)
+    if qm.dim() != 4 or km.dim() != 4 or (qm.shape[1] != km.shape[1] and not a["enable_gqa"]):
+        return Site(0, gi, "sdpa", "sdpa", f"{qm.dim()}-D operands or mismatched heads: kept",
+                    location=loc, module_path=mod)
+    d = qm.shape[-1]
+    scale = a["scale"] if a["scale"] is not None else (1.0 / math.sqrt(d) if isinstance(d, int) else None)
+    if not isinstance(scale, (int, float)):
+        return Site(0, gi, "sdpa", "sdpa", "scale is symbolic: kept", location=loc, module_path=mod)
+    causal = "top_left" if a["is_causal"] else "none"
+    kind = "none" if mm is None else ("bool" if mm.dtype == torch.bool else "additive")
+    spec = AttentionSpec(
+        q=TensorInfo.of(qm), k=TensorInfo.of(km), v=TensorInfo.of(vm), scale=float(scale),
+        scale_expr=f"{float(scale):.6g}",
+        mask=MaskSpec(causal, kind, TensorInfo.of(mm) if mm is not None else None,
+                      requires_grad=bool(mm is not None and mm.requires_grad)),
+        gqa_groups=qm.shape[1] // km.shape[1] if isinstance(km.shape[1], int) and km.shape[1] else 1,
+        requires_grad=any(t.requires_grad for t in (qm, km, vm)), source="sdpa",
+        location=loc, module_path=mod, rules=("scaled_dot_product_attention",))
+    if opts.keep_sdpa and opts.kernel in (None, "auto"):
+        return Site(0, gi, "sdpa", "sdpa", "existing SDPA call kept on PyTorch's backends "
+                    "(keep_sdpa=True; force kernel='flash' to replace it)", spec, loc, mod)
+    name, why, rejected = _choose(qm, km, vm, mm, causal, opts)
+    if name is None:
+        return Site(0, gi, "sdpa", "sdpa", why + "; kept on PyTorch's SDPA", spec, loc, mod, rejected)
+    rewrite_sdpa(gm, node, q, k, v, mask, float(scale), causal, name,
+                 f"attnfuse: {spec.describe()} -> {name}")
+    return Site(0, gi, "sdpa", name, why, spec, loc, mod, rejected)
+
+
+def _snapshot(gm: GraphModule) -> GraphModule:
+    """A GraphModule with its own copy of the graph (sharing parameters), for the report."""
+    graph = torch.fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return GraphModule(gm, graph)
+
+
+def _guarded(site_fn: Callable[..., Site], node: Node, *args: Any) -> Site:
+    """A matcher bug must not break the user's compile: keep the site, say why, log it.
+
+    ``ATTNFUSE_STRICT=1`` (the test suite sets it) re-raises instead.
+    """
+    try:
+        return site_fn(node, *args)
+    except Exception as e:
+        if os.environ.get("ATTNFUSE_STRICT") == "1":
+            raise
+        log.warning("attnfuse: internal error on %s, site kept: %r", node.name, e)
+        return Site(0, args[-1], "sdpa" if C.is_sdpa(node) else "eager_softmax", None,
+                    f"internal error, site kept unchanged: {e!r}", location=source_location(node),
+                    module_path=module_path(node))
+
+
+def rewrite_attention(gm: GraphModule, example_inputs: Sequence[Any], opts: Options,
+                      graph_index: int = 0) -> Report:
+    """Find and rewrite every attention site of ``gm`` in place; returns the report."""
+    before = _snapshot(gm)
+    eager = functools.partial(_eager_site, gm)
+    sdpa = functools.partial(_sdpa_site, gm)
+    sites = [_guarded(eager, sm, example_inputs, opts, graph_index) for sm in softmax_nodes(gm)]
+    sites += [_guarded(sdpa, n, opts, graph_index) for n in list(gm.graph.nodes) if C.is_sdpa(n)]
+    gm.graph.lint()
+    gm.recompile()
+    for i, s in enumerate(sites):
+        s.index = i
+        log.info("attnfuse site %d %s %s -> %s: %s", i, s.module_path, s.location, s.kernel, s.reason)
+    return Report(sites, [before], [_snapshot(gm)])
+
+
+_REPORTS: list[Report] = []
+
+
+def last_report() -> Report:
+    """Everything ``torch.compile(..., backend="attnfuse")`` rewrote in this process so far."""
+    merged = Report()
+    for r in _REPORTS:
+        merged.extend(r)
+    return merged
+
+
+def make_backend(opts: Options, sink: Optional[Report] = None) -> Callable:
+    """A Dynamo backend that rewrites attention, records into ``sink``, then compiles."""
+
+    def backend(gm: GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        report = rewrite_attention(gm, example_inputs, opts)
+        if sink is not None:
+            sink.extend(report)
+        else:
+            _REPORTS.append(report)
+        if opts.inner == "eager":
+            return gm.forward
+        from torch._inductor.compile_fx import compile_fx
+        return compile_fx(gm, example_inputs)
+
+    return backend
+
+
+def attnfuse_backend(gm: GraphModule, example_inputs: Sequence[Any], *,
+                     options: Optional[dict[str, Any]] = None, mode: Optional[str] = None) -> Callable:
+    """``torch.compile(model, backend="attnfuse", options={...})``."""
+    return make_backend(Options.parse(options))(gm, example_inputs)
+
+
+def _call(fn: Callable, example_inputs: Any) -> Any:
+    if isinstance(example_inputs, dict):
+        return fn(**example_inputs)
+    if not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    return fn(*example_inputs)
+
+
+def optimize(model: torch.nn.Module, example_inputs: Any = None, *, policy: str = "exact",
+             inner: str = "inductor", kernel: Optional[str] = None, dynamic: Optional[bool] = None,
+             keep_sdpa: bool = True) -> torch.nn.Module:
+    """Return a module computing what ``model`` computes, with its attention fused.
+
+    With ``example_inputs`` (a tensor, a tuple of positional args, or a dict of keyword args) the
+    model is compiled here, once; the report is at ``.attnfuse_report``.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}; "
+                        f"for a function use torch.compile(fn, backend='attnfuse')")
+    opts = Options(policy=policy, inner=inner, kernel=kernel, keep_sdpa=keep_sdpa)
+    report = Report()
+    compiled = torch.compile(model, backend=make_backend(opts, report), dynamic=dynamic)
+    compiled.attnfuse_report = report
+    if example_inputs is not None:
+        with torch.no_grad():
+            _call(compiled, example_inputs)
+    return compiled
+
+
+def explain(model: torch.nn.Module, example_inputs: Any, *, policy: str = "exact",
+            kernel: Optional[str] = None, keep_sdpa: bool = True) -> Report:
+    """Capture ``model`` on ``example_inputs`` and report every attention site and decision.
+
+    Runs the model once (without gradients); the rest of the graph runs eagerly.
+    """
+    fast = optimize(model, example_inputs, policy=policy, inner="eager", kernel=kernel,
+                    keep_sdpa=keep_sdpa)
+    return fast.attnfuse_report

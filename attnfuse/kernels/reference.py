@@ -1,0 +1,177 @@
+"""Exact attention in PyTorch: the oracle every kernel is checked against.
+
+Legend (shared by every kernel in this package)::
+
+    q    [B, Hq,  Nq, D]      k [B, Hkv, Nk, D]      v [B, Hkv, Nk, Dv]
+    mask broadcastable to [B, Hq, Nq, Nk]: bool (True = attend) or additive float
+    out  [B, Hq,  Nq, Dv]     lse [B, Hq, Nq] (natural log, fp32; -inf on rows with no key)
+
+    S = scale * q @ kᵀ ; S = where(mask, S, mask_fill) | S + mask ; S = -inf outside the causal band
+    P = softmax(S) ; out = P @ v
+
+GQA: query head ``h`` reads key/value head ``h // (Hq // Hkv)`` (the order ``repeat_interleave``
+and ``repeat_kv`` produce). Causal ``"top_left"`` keeps key ``j`` for query ``i`` when ``j <= i``;
+``"bottom_right"`` when ``j <= i + Nk - Nq``.
+
+A row whose every score is ``-inf`` gives ``out = 0``, ``lse = -inf`` and no gradient, the
+contract of FlashAttention and FlexAttention. Queries are processed ``chunk`` rows at a time, so
+memory stays O(N·chunk) rather than O(N²). Accumulation is fp32 (fp64 for fp64 inputs) unless
+``acc_dtype`` asks otherwise: the tests pass ``acc_dtype=q.dtype`` to get "PyTorch's own
+low-precision math", the baseline of FlashAttention's error-ratio rule.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+CAUSAL_KINDS = ("none", "top_left", "bottom_right")
+
+
+def _acc(dtype: torch.dtype, acc_dtype: Optional[torch.dtype]) -> torch.dtype:
+    return acc_dtype if acc_dtype is not None else torch.promote_types(dtype, torch.float32)
+
+
+def _scores(q_c, k, mask_c, scale, causal, row0, nq, nk, mask_fill, acc):
+    """Masked, scaled scores for query rows [row0, row0 + q_c.shape[-2]).  # [B, Hkv, G, c, Nk]"""
+    s = torch.matmul(q_c, k.transpose(-1, -2).unsqueeze(2)) * scale
+    if mask_c is not None:
+        if mask_c.dtype == torch.bool:
+            s = s.masked_fill(~mask_c, mask_fill)
+        else:
+            s = s + mask_c.to(acc)
+    if causal != "none":
+        rows = torch.arange(row0, row0 + q_c.shape[-2], device=s.device)[:, None]
+        cols = torch.arange(nk, device=s.device)[None, :]
+        offset = 0 if causal == "top_left" else nk - nq
+        s = s.masked_fill(cols > rows + offset, float("-inf"))
+    return s
+
+
+def _softmax(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(softmax(s), logsumexp(s))`` over the last dim, max-subtracted like eager softmax.
+
+    Normalising by the row sum (not by ``exp(lse)``) keeps rows of huge finite fills
+    (``-1e9``) exact, and rows with no key give p = 0 and lse = -inf instead of NaN.
+    """
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+    e = torch.exp(s - m)
+    total = e.sum(dim=-1, keepdim=True)
+    p = e / torch.where(total == 0, torch.ones_like(total), total)
+    return p, (m + torch.log(total)).squeeze(-1)
+
+
+def _split(q, k, mask):
+    """View q as [B, Hkv, G, Nq, D] and the mask as [B, Hkv, G, Nq, Nk], without copies."""
+    b, hq, nq, _ = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    qg = q.unflatten(1, (hkv, g))
+    mg = None
+    if mask is not None:
+        mg = mask.expand(b, hq, nq, nk).unflatten(1, (hkv, g))
+    return qg, mg, g
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    causal: str = "none",
+    mask_fill: float = float("-inf"),
+    *,
+    acc_dtype: Optional[torch.dtype] = None,
+    chunk: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(out, lse)``; ``out`` in q's dtype, ``lse`` in the accumulation dtype."""
+    acc = _acc(q.dtype, acc_dtype)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    nq, nk = q.shape[2], k.shape[2]
+    qg, mg, _ = _split(q.to(acc), k, mask)
+    kf, vf = k.to(acc), v.to(acc)
+    outs, lses = [], []
+    for r0 in range(0, nq, chunk):
+        r1 = min(nq, r0 + chunk)
+        s = _scores(qg[..., r0:r1, :], kf, None if mg is None else mg[..., r0:r1, :],
+                    scale, causal, r0, nq, nk, mask_fill, acc)
+        p, lse = _softmax(s)
+        outs.append(torch.matmul(p, vf.unsqueeze(2)))
+        lses.append(lse)
+    out = torch.cat(outs, dim=-2).flatten(1, 2)
+    lse = torch.cat(lses, dim=-1).flatten(1, 2)
+    return out.to(q.dtype), lse
+
+
+def _sum_to(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Reduce a broadcast gradient back to ``shape`` (the inverse of ``expand``)."""
+    lead = x.dim() - len(shape)
+    if lead:
+        x = x.sum(dim=tuple(range(lead)))
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+    return x.sum(dim=dims, keepdim=True) if dims else x
+
+
+def attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: Optional[float] = None,
+    causal: str = "none",
+    mask_fill: float = float("-inf"),
+    mask_grad: bool = False,
+    *,
+    acc_dtype: Optional[torch.dtype] = None,
+    chunk: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Returns ``(dq, dk, dv, dmask)``; ``dmask`` (shaped like ``mask``) only when ``mask_grad``.
+
+    P is recomputed from the scores (``lse`` is accepted for interface parity and not needed).
+
+    dP = dO·Vᵀ, dS = P ∘ (dP − δ) with δ = rowsum(dO ∘ O), dQ = scale·dS·K, dK = scale·dSᵀ·Q,
+    dV = Pᵀ·dO; an additive mask gets dS itself, summed over the dimensions it was broadcast on.
+    """
+    acc = _acc(q.dtype, acc_dtype)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    b, hq, nq, _ = q.shape
+    nk = k.shape[2]
+    qg, mg, g = _split(q.to(acc), k, mask)
+    kf, vf = k.to(acc), v.to(acc)
+    dog = dout.to(acc).unflatten(1, (k.shape[1], g))
+    delta = (dout.to(acc) * out.to(acc)).sum(-1).unflatten(1, (k.shape[1], g))
+    dq_parts = []
+    dk = torch.zeros(kf.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(vf.shape, dtype=acc, device=q.device)
+    dmask = None
+    if mask_grad:
+        if mask is None or mask.dtype == torch.bool:
+            raise ValueError("mask_grad=True needs an additive float mask")
+        dmask = torch.zeros(mask.shape, dtype=acc, device=mask.device)
+    for r0 in range(0, nq, chunk):
+        r1 = min(nq, r0 + chunk)
+        s = _scores(qg[..., r0:r1, :], kf, None if mg is None else mg[..., r0:r1, :],
+                    scale, causal, r0, nq, nk, mask_fill, acc)
+        p, _ = _softmax(s)                                                     # [B, Hkv, G, c, Nk]
+        do = dog[..., r0:r1, :]
+        dp = torch.matmul(do, vf.transpose(-1, -2).unsqueeze(2))
+        ds = p * (dp - delta[..., r0:r1].unsqueeze(-1))
+        if mg is not None and mg.dtype == torch.bool:
+            # Filled scores are constants: with a finite fill they carry probability, not gradient.
+            ds = ds.masked_fill(~mg[..., r0:r1, :], 0.0)
+        dq_parts.append(torch.matmul(ds, kf.unsqueeze(2)) * scale)
+        dk += (torch.matmul(ds.transpose(-1, -2), qg[..., r0:r1, :]) * scale).sum(2)
+        dv += torch.matmul(p.transpose(-1, -2), do).sum(2)
+        if dmask is not None:
+            full = ds.flatten(1, 2)                                            # [B, Hq, c, Nk]
+            rows = slice(r0, r1) if mask.shape[-2] != 1 else slice(None)
+            dmask[..., rows, :] += _sum_to(full, dmask[..., rows, :].shape)
+    dq = torch.cat(dq_parts, dim=-2).flatten(1, 2)
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
+            None if dmask is None else dmask.to(mask.dtype))

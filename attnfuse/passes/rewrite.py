@@ -1,0 +1,142 @@
+"""Replace a matched site with one ``attnfuse::attention`` call and delete what it made dead.
+
+Only nodes of the site itself (and mask-building nodes nothing else uses any more) are erased;
+every other user of q, k, v and the masks is left intact.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Callable, Optional
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+from . import canonicalize as C
+from .match import Match
+
+def _fake_mode(nodes: list[Node]) -> Any:
+    for n in nodes:
+        v = C.meta(n)
+        mode = getattr(v, "fake_mode", None)
+        if mode is not None:
+            return mode
+    return None
+
+
+def _propagate(node: Node, mode: Any) -> None:
+    """Record the fake value of a node we inserted, so later passes see shapes as Dynamo's do."""
+    if mode is None:
+        return
+    args = torch.fx.node.map_arg(node.args, C.meta)
+    kwargs = torch.fx.node.map_arg(node.kwargs, C.meta)
+    try:
+        with mode:
+            if node.op == "call_method":
+                val = getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:
+                val = node.target(*args, **kwargs)
+    except Exception:  # metadata is a courtesy to later passes; the rewrite is valid without it
+        return
+    node.meta["example_value"] = val
+
+
+class _Builder:
+    """Inserts nodes before an anchor, copying the anchor's provenance and computing metadata."""
+
+    def __init__(self, graph: Graph, anchor: Node, mode: Any, note: str) -> None:
+        self.graph, self.anchor, self.mode, self.note = graph, anchor, mode, note
+
+    def __call__(self, op: str, target: Any, *args: Any, **kwargs: Any) -> Node:
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.create_node(op, target, args, kwargs)
+        for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+            if key in self.anchor.meta:
+                node.meta[key] = self.anchor.meta[key]
+        node.meta["attnfuse"] = self.note
+        _propagate(node, self.mode)
+        return node
+
+    def fn(self, target: Callable, *args: Any, **kwargs: Any) -> Node:
+        return self("call_function", target, *args, **kwargs)
+
+
+def build_mask(b: _Builder, m: Match) -> tuple[Optional[Node], float]:
+    """One dense mask for the op: additive terms summed, bool terms ANDed; and the fill value."""
+    adds, keeps, fill = [], [], float("-inf")
+    for t in m.masks:
+        factor = float(t.factor)
+        if t.kind == "add":
+            adds.append(t.node if factor == 1.0 else b.fn(operator.mul, t.node, factor))
+        else:
+            inner = C.negation_of(t.node) if t.negate else None
+            if t.negate:
+                keeps.append(inner if inner is not None else b.fn(torch.logical_not, t.node))
+            else:
+                keeps.append(t.node)
+            fill = t.fill * factor
+    keep = None
+    for k in keeps:
+        keep = k if keep is None else b.fn(operator.and_, keep, k)
+    if keep is not None and not adds:
+        return keep, fill
+    if keep is not None:
+        # Only reached with an infinite fill (the matcher refuses finite fills mixed with adds).
+        adds.append(b.fn(torch.where, keep, 0.0, -math.inf))
+    total = None
+    for a in adds:
+        total = a if total is None else b.fn(operator.add, total, a)
+    return total, float("-inf")
+
+
+def erase_dead(graph: Graph, nodes: list[Node]) -> None:
+    """Erase ``nodes`` (in order) once user-less, then any pure producers left without users."""
+    erased: set[Node] = set()
+
+    def erase(n: Node) -> None:
+        frontier.extend(n.all_input_nodes)
+        graph.erase_node(n)
+        erased.add(n)
+
+    frontier: list[Node] = []
+    for n in nodes:
+        if n not in erased and not n.users:
+            erase(n)
+    while frontier:
+        n = frontier.pop()
+        if n in erased or n.users or n.op not in ("call_function", "call_method") or n.is_impure():
+            continue
+        erase(n)
+
+
+def rewrite_site(gm: GraphModule, m: Match, kernel: str, note: str) -> Node:
+    """Replace P·V of ``m`` with the fused op; returns the new output node."""
+    graph = gm.graph
+    mode = _fake_mode([m.q, m.k, m.v, m.pv])
+    b = _Builder(graph, m.pv, mode, note)
+    k = m.k if m.k_transposed else b("call_method", "transpose", m.k, -2, -1)
+    mask, fill = build_mask(b, m)
+    q, v = m.q, m.v
+    three_d = C.ndim(m.pv) == 3
+    if three_d:
+        q, k, v = (b("call_method", "unsqueeze", x, 0) for x in (q, k, v))
+    fused = b.fn(torch.ops.attnfuse.attention.default, q, k, v, mask, float(m.scale), m.causal,
+                 fill, kernel)
+    out = b.fn(operator.getitem, fused, 0)
+    if three_d:
+        out = b("call_method", "squeeze", out, 0)
+    m.pv.replace_all_uses_with(out)
+    erase_dead(graph, m.dead)
+    return out
+
+
+def rewrite_sdpa(gm: GraphModule, node: Node, q: Any, k: Any, v: Any, mask: Any, scale: float,
+                 causal: str, kernel: str, note: str) -> Node:
+    """Replace an SDPA call with the fused op (same operands; GQA and masks carry over)."""
+    b = _Builder(gm.graph, node, _fake_mode([node]), note)
+    fused = b.fn(torch.ops.attnfuse.attention.default, q, k, v, mask, scale, causal,
+                 float("-inf"), kernel)
+    out = b.fn(operator.getitem, fused, 0)
+    node.replace_all_uses_with(out)
+    erase_dead(gm.graph, [node])
+    return out

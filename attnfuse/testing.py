@@ -1,0 +1,63 @@
+"""Accuracy rules shared by the tests and the GPU benchmark.
+
+FlashAttention's rule: a kernel's error against an fp32 (fp64 for fp32 inputs) reference may be at
+most twice the error of PyTorch's own math in the input precision, plus a floor of rounding noise.
+Tolerances therefore come from data, never from hand-picked constants.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def reference_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the oracle computes in for inputs of ``dtype``: fp64 for fp32/fp64, else fp32."""
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def ulp_noise(ref: torch.Tensor, dtype: torch.dtype) -> float:
+    """FlashAttention's floor: twice the rounding noise of ``x + 0.3 - 0.3`` in ``dtype``."""
+    if not ref.numel():
+        return 0.0
+    low = ref.to(dtype)
+    return 2.0 * ((low + 0.3 - 0.3) - low).abs().max().item()
+
+
+@dataclass(frozen=True)
+class ErrorRatio:
+    name: str
+    err: float          # max |out - ref|
+    baseline: float     # max |lowp - ref|
+    floor: float
+
+    @property
+    def ok(self) -> bool:
+        return self.err <= 2.0 * self.baseline + self.floor
+
+    def __str__(self) -> str:
+        verdict = "ok" if self.ok else "FAIL"
+        return (f"{self.name}: err {self.err:.3g} vs 2x torch {self.baseline:.3g} "
+                f"+ floor {self.floor:.3g} [{verdict}]")
+
+
+def error_ratio(name: str, out: torch.Tensor, ref: torch.Tensor, lowp: torch.Tensor) -> ErrorRatio:
+    """Compare ``out`` (kernel) and ``lowp`` (torch math in the input dtype) with ``ref``.
+
+    Non-finite entries must agree in position (a NaN where the reference has a number fails).
+    """
+    out64, ref64, low64 = (t.detach().to(torch.float64) for t in (out, ref, lowp))
+    finite = torch.isfinite(ref64)
+    if not torch.equal(torch.isfinite(out64), finite):
+        return ErrorRatio(name, float("inf"), 0.0, 0.0)
+    if not finite.any():
+        return ErrorRatio(name, 0.0, 0.0, 0.0)
+    err = (out64 - ref64)[finite].abs().max().item()
+    base = (low64 - ref64)[finite].abs().nan_to_num(0.0).max().item()
+    return ErrorRatio(name, err, base, ulp_noise(ref64[finite], out.dtype))
+
+
+def assert_error_ratio(name: str, out: torch.Tensor, ref: torch.Tensor, lowp: torch.Tensor) -> None:
+    r = error_ratio(name, out, ref, lowp)
+    if not r.ok:
+        raise AssertionError(str(r))

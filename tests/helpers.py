@@ -1,0 +1,67 @@
+"""Shared checks for rewrite tests: which sites fused, equal outputs and gradients, chain gone."""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import copy
+
+import torch
+
+import attnfuse
+from attnfuse.testing import assert_error_ratio
+from attnfuse.passes import canonicalize as C
+
+
+def softmax_count(gm: torch.fx.GraphModule) -> int:
+    return sum(1 for n in gm.graph.nodes if C.read(n, C.softmax) is not None)
+
+
+def fused_op_count(gm: torch.fx.GraphModule) -> int:
+    return sum(1 for n in gm.graph.nodes if n.target is torch.ops.attnfuse.attention.default)
+
+
+def check_rewrite(model: torch.nn.Module, inputs: Sequence[Any], *, fused: int, kept: int = 0,
+                  grad: bool = True, inner: str = "eager", kernel: Optional[str] = None,
+                  out_of: Callable[[Any], torch.Tensor] = lambda o: o,
+                  keep_sdpa: bool = True) -> attnfuse.Report:
+    """Optimize ``model`` and assert the report, the graph, outputs and gradients."""
+    fast = attnfuse.optimize(model, inner=inner, kernel=kernel, keep_sdpa=keep_sdpa)
+    params = [p for p in model.parameters() if p.requires_grad]
+    leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    for x in leaves:
+        x.requires_grad_(grad)
+    want = out_of(model(*inputs))
+    got = out_of(fast(*inputs))
+    report = fast.attnfuse_report
+    assert len(report.fused) == fused, str(report)
+    assert len(report.kept) == kept, str(report)
+    after_softmax = sum(softmax_count(g) for g in report.after)
+    before_softmax = sum(softmax_count(g) for g in report.before)
+    eager_fused = sum(1 for s in report.fused if s.pattern == "eager_softmax")
+    assert after_softmax == before_softmax - eager_fused, report.diff()
+    assert sum(fused_op_count(g) for g in report.after) == sum(
+        1 for s in report.fused if s.kernel != "sdpa"), report.diff()
+    # FlashAttention's rule at model level: the fused model's error against an fp64 copy of the
+    # model may be at most twice the eager model's own error, plus rounding noise.
+    ref_model = copy.deepcopy(model).double()
+    ref_inputs = [x.detach().double().requires_grad_(grad) if isinstance(x, torch.Tensor)
+                  and x.is_floating_point() else x for x in inputs]
+    ref = out_of(ref_model(*ref_inputs))
+    assert_error_ratio("output", got, ref, want)
+    if grad:
+        cot = torch.randn_like(want)
+        wrt = params + leaves
+        ref_wrt = [p for p in ref_model.parameters() if p.requires_grad] + [
+            x for x in ref_inputs if isinstance(x, torch.Tensor) and x.is_floating_point()]
+        g_want = torch.autograd.grad(want, wrt, cot, allow_unused=True)
+        g_got = torch.autograd.grad(got, wrt, cot, allow_unused=True)
+        g_ref = torch.autograd.grad(ref, ref_wrt, cot.double(), allow_unused=True)
+        # The gradient is one vector: judged whole, so a tensor whose true gradient is 0 (a key
+        # bias, to which softmax is invariant) is measured against the gradient's own scale.
+        flat = [(a, b, r) for a, b, r in zip(g_got, g_want, g_ref) if b is not None]
+        for a, b, _ in zip(g_got, g_want, g_ref):
+            if b is None:
+                assert a is None or not a.any()
+        got_v, want_v, ref_v = (torch.cat([t[i].flatten() for t in flat]) for i in range(3))
+        assert_error_ratio("gradients", got_v, ref_v, want_v)
+    return report

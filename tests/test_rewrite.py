@@ -1,0 +1,226 @@
+"""Rewrite tests on attention as models spell it: what fused, equal outputs and gradients."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import attnfuse
+from helpers import check_rewrite
+
+B, H, N, D = 2, 3, 17, 8
+
+
+def qkv(n: int = N, m: int = N, d: int = D, dtype: torch.dtype = torch.float32):
+    g = torch.Generator().manual_seed(n * 1000 + m)
+    return (torch.randn(B, H, n, d, generator=g, dtype=dtype),
+            torch.randn(B, H, m, d, generator=g, dtype=dtype),
+            torch.randn(B, H, m, d, generator=g, dtype=dtype))
+
+
+class Fn(nn.Module):
+    """Wraps a function of (q, k, v, ...) as a module, so optimize() can take it."""
+
+    def __init__(self, fn, **buffers) -> None:
+        super().__init__()
+        self.fn = fn
+        for name, t in buffers.items():
+            self.register_buffer(name, t)
+
+    def forward(self, *args):
+        return self.fn(self, *args)
+
+
+SPELLINGS = {
+    "matmul_div": lambda s, q, k, v: torch.softmax(torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(D), -1) @ v,
+    "at_mul_permute": lambda s, q, k, v: F.softmax((q @ k.permute(0, 1, 3, 2)) * D ** -0.5, dim=-1) @ v,
+    "mT_method_softmax": lambda s, q, k, v: (q @ k.mT * 0.3).softmax(dim=-1).matmul(v),
+    "scale_on_q": lambda s, q, k, v: torch.softmax((q * D ** -0.5) @ k.transpose(2, 3), -1) @ v,
+    "scale_on_q_and_k": lambda s, q, k, v: torch.softmax((q * D ** -0.25) @ (k * D ** -0.25).transpose(-1, -2), -1) @ v,
+    "no_scale": lambda s, q, k, v: torch.softmax(q @ k.transpose(-1, -2), -1) @ v,
+    "fp32_upcast": lambda s, q, k, v: torch.softmax((q @ k.transpose(-1, -2)).float() / 4.0, -1).to(q.dtype) @ v,
+    "softmax_dtype": lambda s, q, k, v: F.softmax(q @ k.transpose(-1, -2) * 0.5, dim=-1, dtype=torch.float32).type_as(q) @ v,
+    "dropout_eval": lambda s, q, k, v: F.dropout(torch.softmax(q @ k.mT, -1), 0.1, training=False) @ v,
+    "bmm_3d": lambda s, q, k, v: torch.bmm(torch.softmax(torch.bmm(q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2)) * 0.25, -1), v.flatten(0, 1)),
+    "k_pretransposed": lambda s, q, k, v: torch.softmax(q @ k.transpose(-1, -2).contiguous() * 0.25, -1) @ v,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPELLINGS))
+def test_spellings_fuse(name: str) -> None:
+    report = check_rewrite(Fn(SPELLINGS[name]), qkv(), fused=1)
+    site = report.sites[0]
+    assert site.kernel == "reference" and site.spec.mask.causal == "none"
+
+
+def test_scale_folded() -> None:
+    report = check_rewrite(Fn(SPELLINGS["matmul_div"]), qkv(), fused=1)
+    assert report.sites[0].spec.scale == pytest.approx(1 / math.sqrt(D))
+    assert report.sites[0].spec.scale_expr in ("sqrt(2)/4", "0.353553")
+
+
+def test_scale_split_between_q_and_k() -> None:
+    report = check_rewrite(Fn(SPELLINGS["scale_on_q_and_k"]), qkv(), fused=1)
+    assert report.sites[0].spec.scale == pytest.approx(D ** -0.5)
+
+
+MASKS = {
+    "additive_NN": lambda: torch.randn(N, N),
+    "additive_B11N": lambda: torch.randn(B, 1, 1, N),
+    "additive_B1NN": lambda: torch.randn(B, 1, N, N),
+    "additive_BHNN": lambda: torch.randn(B, H, N, N),
+    "additive_expanded": lambda: torch.randn(1, 1, 1, N).expand(B, H, N, N),
+    "finfo_min_padding": lambda: torch.where(torch.arange(N) < 11, 0.0, torch.finfo(torch.float32).min).expand(B, 1, 1, N),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MASKS))
+def test_additive_masks(name: str) -> None:
+    fn = lambda s, q, k, v, m: torch.softmax(q @ k.mT * 0.25 + m, -1) @ v
+    q, k, v = qkv()
+    report = check_rewrite(Fn(fn), (q, k, v, MASKS[name]()), fused=1)
+    assert report.sites[0].spec.mask.kind == "additive"
+
+
+def test_bias_requires_grad_gets_gradient() -> None:
+    bias = nn.Parameter(torch.randn(H, N, N))
+    mod = Fn(lambda s, q, k, v: torch.softmax(q @ k.mT * 0.25 + s.bias, -1) @ v)
+    mod.bias = bias
+    check_rewrite(mod, qkv(), fused=1)
+
+
+def test_bool_mask_masked_fill_and_where() -> None:
+    keep = torch.rand(B, 1, N, N) > 0.3
+    keep[..., 0] = True
+    q, k, v = qkv()
+    f1 = lambda s, q, k, v, m: torch.softmax((q @ k.mT).masked_fill(~m, float("-inf")), -1) @ v
+    f2 = lambda s, q, k, v, m: torch.softmax(torch.where(m, q @ k.mT, float("-inf")) * 0.5, -1) @ v
+    for fn in (f1, f2):
+        r = check_rewrite(Fn(fn), (q, k, v, keep), fused=1)
+        assert r.sites[0].spec.mask.kind == "bool"
+
+
+def test_finite_fill_keeps_eager_semantics_on_fully_masked_rows() -> None:
+    keep = torch.rand(B, 1, N, N) > 0.5
+    keep[:, :, 3] = False                                   # a row with no key: eager averages V
+    fn = lambda s, q, k, v, m: torch.softmax((q @ k.mT).masked_fill(~m, -1e9), -1) @ v
+    r = check_rewrite(Fn(fn), (*qkv(), keep), fused=1)
+    assert r.sites[0].spec.mask.fill == -1e9
+
+
+@pytest.mark.parametrize("buffer,expr", [
+    ("tril", lambda s, t: s.bias[:, :, :t, :t] == 0),
+    ("triu", lambda s, t: s.bias[:t, :t].bool()),
+])
+def test_causal_buffer_recognised(buffer: str, expr) -> None:
+    full = torch.ones(64, 64)
+    buf = full.tril().view(1, 1, 64, 64) if buffer == "tril" else full.triu(1)
+
+    def fn(s, q, k, v):
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(D)
+        att = att.masked_fill(expr(s, q.shape[2]), float("-inf"))
+        return F.softmax(att.float(), dim=-1).to(q.dtype) @ v
+
+    report = check_rewrite(Fn(fn, bias=buf), qkv(), fused=1)
+    spec = report.sites[0].spec
+    assert spec.mask.causal == "top_left" and spec.mask.kind == "none"
+
+
+def test_bottom_right_causal_from_constant_mask() -> None:
+    nq, nk = 5, N
+    buf = torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq)
+    fn = lambda s, q, k, v: torch.softmax((q @ k.mT).masked_fill(~s.keep, float("-inf")), -1) @ v
+    report = check_rewrite(Fn(fn, keep=buf), qkv(nq, nk), fused=1)
+    assert report.sites[0].spec.mask.causal == "bottom_right"
+
+
+def test_non_causal_constant_mask_stays_dense() -> None:
+    buf = torch.rand(N, N) > 0.5
+    buf[:, 0] = True
+    fn = lambda s, q, k, v: torch.softmax((q @ k.mT).masked_fill(~s.keep, float("-inf")), -1) @ v
+    report = check_rewrite(Fn(fn, keep=buf), qkv(), fused=1)
+    assert report.sites[0].spec.mask.causal == "none" and report.sites[0].spec.mask.kind == "bool"
+
+
+def test_cross_attention_nq_ne_nk() -> None:
+    check_rewrite(Fn(SPELLINGS["matmul_div"]), qkv(5, 23), fused=1)
+
+
+def test_sdpa_calls_kept_by_default_and_replaced_when_forced() -> None:
+    fn = lambda s, q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+    fc = lambda s, q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.2)
+    q, k, v = qkv()
+    r = check_rewrite(Fn(fn), (q, k, v, torch.randn(N, N)), fused=1)
+    assert r.sites[0].kernel == "sdpa"
+    r = check_rewrite(Fn(fn), (q, k, v, torch.randn(N, N)), fused=1, kernel="reference")
+    assert r.sites[0].kernel == "reference"
+    r = check_rewrite(Fn(fc), (q, k, v), fused=1, kernel="reference")
+    assert r.sites[0].spec.mask.causal == "top_left" and r.sites[0].spec.scale == 0.2
+
+
+def test_sdpa_gqa_forced() -> None:
+    q = torch.randn(B, 4, N, D)
+    k, v = torch.randn(B, 2, N, D), torch.randn(B, 2, N, D)
+    fn = lambda s, q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    r = check_rewrite(Fn(fn), (q, k, v), fused=1, kernel="reference")
+    assert r.sites[0].spec.gqa_groups == 2
+
+
+# -- sites that must be left alone ----------------------------------------------------------------
+
+def test_probabilities_returned_are_not_fused() -> None:
+    def fn(s, q, k, v):
+        p = torch.softmax(q @ k.mT * 0.25, -1)
+        return p @ v, p
+
+    r = check_rewrite(Fn(fn), qkv(), fused=0, kept=1, out_of=lambda o: o[0])
+    assert "users" in r.sites[0].reason and "returned or reused" in r.sites[0].reason
+
+
+def test_scores_reused_are_not_fused() -> None:
+    def fn(s, q, k, v):
+        sc = q @ k.mT * 0.25
+        return torch.softmax(sc, -1) @ v + sc.mean()
+
+    r = check_rewrite(Fn(fn), qkv(), fused=0, kept=1)
+    assert "scores have" in r.sites[0].reason
+
+
+def test_active_dropout_is_not_fused() -> None:
+    fn = lambda s, q, k, v: F.dropout(torch.softmax(q @ k.mT, -1), 0.5, training=True) @ v
+    r = check_rewrite(Fn(fn), qkv(), fused=0, kept=1, grad=False,
+                      out_of=lambda o: torch.zeros(()))
+    assert "dropout is active" in r.sites[0].reason
+
+
+def test_softmax_over_other_axis_is_not_fused() -> None:
+    fn = lambda s, q, k, v: torch.softmax(q @ k.mT, dim=-2) @ v
+    r = check_rewrite(Fn(fn), qkv(), fused=0, kept=1)
+    assert "not the key axis" in r.sites[0].reason
+
+
+def test_gating_softmax_is_not_attention() -> None:
+    """A mixture-of-experts style gate: softmax(x W) @ E has no Q·Kᵀ."""
+    def fn(s, x, w, e):
+        return torch.softmax(torch.tanh(x @ w), -1) @ e
+
+    r = check_rewrite(Fn(fn), (torch.randn(2, 4, 8), torch.randn(2, 8, 5), torch.randn(2, 5, 3)),
+                      fused=0, kept=1)
+    assert "unsupported score modification" in r.sites[0].reason
+
+
+def test_unsupported_score_mod_is_named() -> None:
+    fn = lambda s, q, k, v: torch.softmax(torch.tanh(q @ k.mT / 50.0) * 50.0, -1) @ v
+    r = check_rewrite(Fn(fn), qkv(), fused=0, kept=1)
+    assert "`tanh`" in r.sites[0].reason
+
+
+def test_report_renders() -> None:
+    r = attnfuse.explain(Fn(SPELLINGS["matmul_div"]), qkv())
+    text = str(r)
+    assert "1 fused" in text and "attnfuse::reference" in text and "test_rewrite.py" in text
+    assert "attnfuse.attention" in r.after[0].code and "softmax" not in r.after[0].code
+    assert "softmax" in r.before[0].code and "-" in r.diff()
