@@ -141,9 +141,10 @@ def _causal(is_causal: Union[bool, str]) -> str:
         return "top_left"
     if is_causal is False:
         return "none"
-    if is_causal in ("top_left", "bottom_right"):
+    if is_causal in ("none", "top_left", "bottom_right"):
         return is_causal
-    raise ValueError(f"is_causal must be a bool, 'top_left' or 'bottom_right', got {is_causal!r}")
+    raise ValueError(f"is_causal must be a bool, 'none', 'top_left' or 'bottom_right', "
+                     f"got {is_causal!r}")
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,

@@ -93,6 +93,11 @@ def select(q: Any, k: Any, v: Any, mask: Any, causal: str,
             rejected[name] = ["not available in this installation (triton missing)"]
             continue
         reasons = rejections(name, q, k, v, mask, causal)
+        if (name == "flash" and prefer != "flash" and q.dtype == torch.float32
+                and torch.device(q.device).type == "cuda"):
+            # Measured on the H100 (benchmarks/RESULTS.md): fp32 dv misses the error-ratio rule.
+            reasons.append("float32 on CUDA misses FlashAttention's accuracy rule for dv in the "
+                           "benchmark; the exact reference runs fp32 until that is fixed")
         if not reasons:
             return name, rejected
         rejected[name] = reasons
