@@ -133,9 +133,9 @@ def attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Returns ``(dq, dk, dv, dmask)``; ``dmask`` (shaped like ``mask``) only when ``mask_grad``.
 
-    P is recomputed from the scores (``lse`` is accepted for interface parity and not needed).
+    P is recomputed from the scores (``out`` and ``lse`` are accepted for interface parity).
 
-    dP = dO·Vᵀ, dS = P ∘ (dP − δ) with δ = rowsum(dO ∘ O), dQ = scale·dS·K, dK = scale·dSᵀ·Q,
+    dP = dO·Vᵀ, dS = P ∘ (dP − δ) with δ = rowsum(P ∘ dP), dQ = scale·dS·K, dK = scale·dSᵀ·Q,
     dV = Pᵀ·dO; an additive mask gets dS itself, summed over the dimensions it was broadcast on.
     """
     acc = _acc(q.dtype, acc_dtype)
@@ -145,7 +145,6 @@ def attention_backward(
     qg, mg, g = _split(q.to(acc), k, mask)
     kf, vf = k.to(acc), v.to(acc)
     dog = dout.to(acc).unflatten(1, (k.shape[1], g))
-    delta = (dout.to(acc) * out.to(acc)).sum(-1).unflatten(1, (k.shape[1], g))
     dq_parts = []
     dk = torch.zeros(kf.shape, dtype=acc, device=q.device)
     dv = torch.zeros(vf.shape, dtype=acc, device=q.device)
@@ -161,7 +160,8 @@ def attention_backward(
         p, _ = _softmax(s)                                                     # [B, Hkv, G, c, Nk]
         do = dog[..., r0:r1, :]
         dp = torch.matmul(do, vf.transpose(-1, -2).unsqueeze(2))
-        ds = p * (dp - delta[..., r0:r1].unsqueeze(-1))
+        # δ = rowsum(P ∘ dP) (softmax's own backward) rather than rowsum(dO ∘ O): no cancellation.
+        ds = p * (dp - (p * dp).sum(-1, keepdim=True))
         if mg is not None and mg.dtype == torch.bool:
             # Filled scores are constants: with a finite fill they carry probability, not gradient.
             ds = ds.masked_fill(~mg[..., r0:r1, :], 0.0)
