@@ -57,11 +57,14 @@ def _single_user(node: Node) -> bool:
     return len(node.users) == 1
 
 
+def _op_name(node: Node) -> str:
+    if node.op == "output":
+        return "the graph output"
+    return str(node.target if node.op == "call_method" else getattr(node.target, "__name__", node.target))
+
+
 def _describe_users(node: Node) -> str:
-    names = []
-    for u in node.users:
-        names.append("the graph output" if u.op == "output" else f"{u.target if u.op == 'call_method' else getattr(u.target, '__name__', u.target)}")
-    return ", ".join(names)
+    return ", ".join(_op_name(u) for u in node.users)
 
 
 def _fmt(expr: sympy.Expr) -> str:
@@ -108,8 +111,8 @@ def _backward_chain(start: Node, rules: list[str]) -> Union[
                           f"fusing would drop the other use")
         r = C.read(cur, C.matmul, C.cast, C.identity, C.scale, C.add_mask, C.fill_mask)
         if r is None:
-            what = cur.target if cur.op == "call_method" else getattr(cur.target, "__name__", cur.target)
-            return Reject(f"unsupported score modification `{what}` between Q·Kᵀ and softmax")
+            return Reject(f"unsupported score modification `{_op_name(cur)}` between Q·Kᵀ and "
+                          f"softmax; the site stays as written")
         rules.append(r.rule)
         chain.append(cur)
         if r.op == "matmul":
