@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from typing import Callable, Optional
 
@@ -104,7 +103,7 @@ def check_correctness() -> list[dict]:
 _FLEX = None
 
 
-def _flex(causal: bool, b: int, h: int, n: int, dev):
+def _flex(causal: bool, n: int, dev):
     """Compiled FlexAttention (one compiled function; a block mask for causal)."""
     global _FLEX
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -143,7 +142,7 @@ def time_kernels(quick: bool, dims: tuple[int, ...] = (64, 128)) -> list[dict]:
                     "attnfuse": lambda q, k, v: attnfuse.attention(q, k, v, is_causal=causal, kernel="flash"),
                     "cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
                     "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
-                    "flex": _flex(causal, b, h, n, dev),
+                    "flex": _flex(causal, n, dev),
                 }
                 row = dict(d=d, n=n, causal=causal)
                 for name, fn in impls.items():

@@ -126,7 +126,7 @@ def _backward_chain(start: Node, rules: list[str]) -> Union[
                 return Reject("a non-positive scale applied after a mask would flip it")
             factor = factor * r.other
         elif r.op == "add_mask":
-            x, m = r.x, r.other
+            m = r.other
             if _depends_on(m, r.x):
                 return Reject("the additive term depends on the scores (not a mask or bias)")
             if not C.meta(m).is_floating_point():
