@@ -21,9 +21,10 @@ from torch.fx import GraphModule, Node
 from . import ops  # noqa: F401  (registers torch.ops.attnfuse.*)
 from .kernels import registry
 from .passes import canonicalize as C
-from .passes.match import Match, match_softmax, module_path, softmax_nodes, source_location, spec_of
-from .passes.rewrite import rewrite_sdpa, rewrite_site
-from .report import Report, Site
+from .passes import lower
+from .passes.match import Context, match_softmax, module_path, softmax_nodes, source_location, spec_of
+from .passes.rewrite import operand_metas, rewrite_sdpa, rewrite_site
+from .report import GraphSnapshot, Report, Site
 from .spec import AttentionSpec, MaskSpec, Reject, TensorInfo
 
 log = logging.getLogger(__name__)
@@ -81,27 +82,13 @@ def _choose(q: Any, k: Any, v: Any, mask: Any, causal: str, opts: Options) -> tu
     return name, why, rejected
 
 
-def _mask_meta(m: Match) -> Optional[torch.Tensor]:
-    """A stand-in for the combined mask's metadata (shape/dtype) without building it."""
-    if not m.masks:
-        return None
-    metas = [C.meta(t.node) for t in m.masks]
-    if all(x.dtype == torch.bool for x in metas):
-        return metas[0]
-    return next(x for x in metas if x.is_floating_point())
-
-
-def _eager_site(gm: GraphModule, sm: Node, inputs: Sequence[Any], opts: Options, gi: int) -> Site:
+def _eager_site(gm: GraphModule, sm: Node, ctx: Context, opts: Options, gi: int) -> Site:
     loc, mod = source_location(sm), module_path(sm)
-    m = match_softmax(sm, gm, inputs)
+    m = match_softmax(sm, gm, ctx.example_inputs, ctx)
     if isinstance(m, Reject):
         return Site(0, gi, "eager_softmax", None, m.reason, location=loc, module_path=mod)
-    mask_meta = _mask_meta(m)
-    spec = spec_of(m, mask_meta, loc, mod)
-    qm, vm = C.meta(m.q), C.meta(m.v)
-    km = C.meta(m.k) if m.k_transposed else C.meta(m.k).transpose(-2, -1)
-    if qm.dim() == 3:
-        qm, km, vm = qm.unsqueeze(0), km.unsqueeze(0), vm.unsqueeze(0)
+    qm, km, vm, mask_meta, fill = operand_metas(m)
+    spec = spec_of(m, qm, km, vm, mask_meta, fill, loc, mod)
     name, why, rejected = _choose(qm, km, vm, mask_meta, m.causal, opts)
     if name is None:
         return Site(0, gi, "eager_softmax", None, why, spec, loc, mod, rejected)
@@ -158,12 +145,33 @@ def _sdpa_site(gm: GraphModule, node: Node, opts: Options, gi: int) -> Site:
     return Site(0, gi, "sdpa", name, why, spec, loc, mod, rejected)
 
 
-def _snapshot(gm: GraphModule) -> GraphModule:
-    """A GraphModule with its own copy of the graph (sharing parameters), for the report."""
+def _mha_site(gm: GraphModule, node: Node, opts: Options, gi: int) -> Site:
+    """nn.MultiheadAttention / TransformerEncoderLayer calls: lowered onto the fused op."""
+    loc, mod = source_location(node), module_path(node)
+    pattern = lower.kind_of(node)
+    reason, f = lower.check(node)
+    if reason is not None:
+        return Site(0, gi, pattern, None, reason, location=loc, module_path=mod)
+    like = f["like"]
+    qm = like.new_empty((f["b"], f["h"], f["nq"], f["d"]))
+    km = like.new_empty((f["b"], f["h"], f["nk"], f["d"]))
+    spec = AttentionSpec(
+        q=TensorInfo.of(qm), k=TensorInfo.of(km), v=TensorInfo.of(km), scale=f["d"] ** -0.5,
+        scale_expr=f"1/sqrt({f['d']})", requires_grad=bool(like.requires_grad), source=pattern,
+        location=loc, module_path=mod, rules=(f"{pattern}->lowered onto attnfuse::attention",))
+    name, why, rejected = _choose(qm, km, km, None, "none", opts)
+    if name is None:
+        return Site(0, gi, pattern, None, why, spec, loc, mod, rejected)
+    lower.lower(node, name, f"attnfuse: {spec.describe()} -> {name}")
+    return Site(0, gi, pattern, name, why, spec, loc, mod, rejected)
+
+
+def _snapshot(gm: GraphModule) -> GraphSnapshot:
+    """A copy of the graph (sharing parameters) for the report."""
     graph = torch.fx.Graph()
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)
-    return GraphModule(gm, graph)
+    return GraphSnapshot(gm, graph)
 
 
 def _guarded(site_fn: Callable[..., Site], node: Node, *args: Any) -> Site:
@@ -188,14 +196,19 @@ def rewrite_attention(gm: GraphModule, example_inputs: Sequence[Any], opts: Opti
     before = _snapshot(gm)
     eager = functools.partial(_eager_site, gm)
     sdpa = functools.partial(_sdpa_site, gm)
-    sites = [_guarded(eager, sm, example_inputs, opts, graph_index) for sm in softmax_nodes(gm)]
+    ctx = Context(gm, example_inputs)
+    sites = [_guarded(eager, sm, ctx, opts, graph_index) for sm in softmax_nodes(gm)]
     sites += [_guarded(sdpa, n, opts, graph_index) for n in list(gm.graph.nodes) if C.is_sdpa(n)]
-    gm.graph.lint()
-    gm.recompile()
+    mha = functools.partial(_mha_site, gm)
+    sites += [_guarded(mha, n, opts, graph_index) for n in list(gm.graph.nodes) if lower.kind_of(n)]
+    changed = any(s.kernel not in (None, "sdpa") for s in sites)
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
     for i, s in enumerate(sites):
         s.index = i
         log.info("attnfuse site %d %s %s -> %s: %s", i, s.module_path, s.location, s.kernel, s.reason)
-    return Report(sites, [before], [_snapshot(gm)])
+    return Report(sites, [before], [_snapshot(gm) if changed else before])
 
 
 _REPORTS: list[Report] = []

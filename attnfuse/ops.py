@@ -1,6 +1,7 @@
 """The fused attention op, ``attnfuse::attention``, and the public drop-in for SDPA.
 
-``torch.ops.attnfuse.attention(q, k, v, mask, scale, causal, mask_fill, kernel) -> (out, lse)`` is a
+``torch.ops.attnfuse.attention(q, k, v, mask, scale, causal, mask_fill, kernel, softcap) -> (out, lse)``
+is a
 ``torch.library`` custom op: functional (no input is mutated or aliased), with a fake impl for
 compile/export and an autograd formula through ``attnfuse::attention_backward``. The graph
 rewrite inserts it; :func:`attention` wraps it for users.
@@ -26,24 +27,27 @@ def as_4d(mask: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _run_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float,
-                 causal: str, mask_fill: float, kernel: str) -> tuple[Tensor, Tensor]:
+                 causal: str, mask_fill: float, kernel: str, softcap: float) -> tuple[Tensor, Tensor]:
     name, _ = registry.select(q, k, v, as_4d(mask), causal, prefer=kernel)
     if kernel not in ("auto", name):
         reasons = registry.rejections(kernel, q, k, v, as_4d(mask), causal)
         raise ValueError(f"kernel={kernel!r} cannot run these inputs: {'; '.join(reasons)}")
-    out, lse = registry.get(name).forward(q, k, v, as_4d(mask), scale, causal, mask_fill)
+    fwd = registry.get(name).forward
+    out, lse = (fwd(q, k, v, as_4d(mask), scale, causal, mask_fill, softcap=softcap) if softcap
+                else fwd(q, k, v, as_4d(mask), scale, causal, mask_fill))
     return out.contiguous(), lse.to(torch.float32).contiguous()
 
 
 @torch.library.custom_op("attnfuse::attention", mutates_args=())
 def attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float,
-                 causal: str, mask_fill: float, kernel: str) -> tuple[Tensor, Tensor]:
-    return _run_forward(q, k, v, mask, scale, causal, mask_fill, kernel)
+                 causal: str, mask_fill: float, kernel: str, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
+    return _run_forward(q, k, v, mask, scale, causal, mask_fill, kernel, softcap)
 
 
 @attention_op.register_fake
 def _attention_fake(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float,
-                    causal: str, mask_fill: float, kernel: str) -> tuple[Tensor, Tensor]:
+                    causal: str, mask_fill: float, kernel: str,
+                    softcap: float = 0.0) -> tuple[Tensor, Tensor]:
     b, h, nq, _ = q.shape
     out = q.new_empty((b, h, nq, v.shape[-1]))
     lse = q.new_empty((b, h, nq), dtype=torch.float32)
@@ -53,11 +57,13 @@ def _attention_fake(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], sca
 @torch.library.custom_op("attnfuse::attention_backward", mutates_args=())
 def attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
                           out: Tensor, lse: Tensor, scale: float, causal: str, mask_fill: float,
-                          kernel: str, mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                          kernel: str, mask_grad: bool,
+                          softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     m4 = as_4d(mask)
     name, _ = registry.select(q, k, v, m4, causal, prefer=kernel)
-    dq, dk, dv, dm = registry.get(name).backward(
-        dout.contiguous(), q, k, v, m4, out, lse, scale, causal, mask_fill, mask_grad)
+    args = (dout.contiguous(), q, k, v, m4, out, lse, scale, causal, mask_fill, mask_grad)
+    bwd = registry.get(name).backward
+    dq, dk, dv, dm = bwd(*args, softcap=softcap) if softcap else bwd(*args)
     dm = dm.reshape(mask.shape) if dm is not None else q.new_empty((0,))
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dm.contiguous()
 
@@ -65,26 +71,27 @@ def attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: O
 @attention_backward_op.register_fake
 def _attention_backward_fake(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
                              out: Tensor, lse: Tensor, scale: float, causal: str, mask_fill: float,
-                             kernel: str, mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                             kernel: str, mask_grad: bool,
+                             softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dm = mask.new_empty(mask.shape) if mask_grad and mask is not None else q.new_empty((0,))
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             dm.contiguous())
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, mask, scale, causal, mask_fill, kernel = inputs
+    q, k, v, mask, scale, causal, mask_fill, kernel, softcap = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, mask, out, lse)
-    ctx.args = (scale, causal, mask_fill, kernel)
+    ctx.args = (scale, causal, mask_fill, kernel, softcap)
 
 
 def _backward(ctx, dout: Tensor, _dlse: Optional[Tensor]):
     q, k, v, mask, out, lse = ctx.saved_tensors
-    scale, causal, mask_fill, kernel = ctx.args
+    scale, causal, mask_fill, kernel, softcap = ctx.args
     mask_grad = bool(mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3])
     dq, dk, dv, dm = torch.ops.attnfuse.attention_backward(
-        dout, q, k, v, mask, out, lse, scale, causal, mask_fill, kernel, mask_grad)
-    return dq, dk, dv, (dm if mask_grad else None), None, None, None, None
+        dout, q, k, v, mask, out, lse, scale, causal, mask_fill, kernel, mask_grad, softcap)
+    return dq, dk, dv, (dm if mask_grad else None), None, None, None, None, None
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -149,18 +156,25 @@ def _causal(is_causal: Union[bool, str]) -> str:
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
               is_causal: Union[bool, str] = False, scale: Optional[float] = None, *,
-              enable_gqa: bool = False, kernel: str = "auto") -> Tensor:
+              enable_gqa: bool = False, kernel: str = "auto", softcap: float = 0.0) -> Tensor:
     """Drop-in for ``F.scaled_dot_product_attention`` on [B, H, N, D] tensors.
 
     Same semantics as SDPA (bool masks: True = attend; float masks are added to the scaled
     scores; ``is_causal=True`` is top-left aligned), plus: ``is_causal="bottom_right"`` (the
     alignment KV caches need), a mask *and* causality together, and ``kernel=`` to force one of
-    ``"auto"``, ``"flash"``, ``"reference"``. Rows with no key to attend give 0.
+    ``"auto"``, ``"flash"``, ``"reference"``, and ``softcap`` (Gemma 2's tanh soft-capping of the
+    scaled scores, ``softcap·tanh(s/softcap)``, applied before the mask; 0 = off). Rows with no key
+    to attend give 0.
     """
     validate(q, k, v, attn_mask, enable_gqa)
+    _check(isinstance(softcap, (int, float)) and not isinstance(softcap, bool) and softcap >= 0
+           and math.isfinite(softcap),
+           f"softcap must be a finite float >= 0 (0 disables it), got {softcap!r}", TypeError
+           if not isinstance(softcap, (int, float)) else ValueError)
     if kernel not in registry.kernel_names():
         raise ValueError(f"unknown kernel {kernel!r}: expected one of {registry.kernel_names()}")
     causal = _causal(is_causal)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, _ = torch.ops.attnfuse.attention(q, k, v, attn_mask, scale, causal, float("-inf"), kernel)
+    out, _ = torch.ops.attnfuse.attention(q, k, v, attn_mask, scale, causal, float("-inf"), kernel,
+                                          float(softcap))
     return out

@@ -12,6 +12,27 @@ from torch.fx import GraphModule
 from .spec import AttentionSpec
 
 
+class GraphSnapshot:
+    """A copy of one graph at one point of the pipeline; its module and code are built on demand
+    (code generation costs more than the attention passes themselves on large graphs)."""
+
+    def __init__(self, root: torch.nn.Module, graph: torch.fx.Graph) -> None:
+        self.graph, self._root, self._module = graph, root, None
+
+    @property
+    def module(self) -> GraphModule:
+        if self._module is None:
+            self._module = GraphModule(self._root, self.graph)
+        return self._module
+
+    @property
+    def code(self) -> str:
+        return self.module.code
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
 @dataclass
 class Site:
     """One attention subgraph (one softmax, or one SDPA call)."""
@@ -40,11 +61,12 @@ class Site:
 
 @dataclass
 class Report:
-    """``explain()``'s result: ``sites``, per-graph ``before``/``after`` GraphModules, renderings."""
+    """``explain()``'s result: ``sites``, per-graph ``before``/``after`` graph snapshots (each with
+    ``.graph``, ``.code``, ``.module``), renderings."""
 
     sites: list[Site] = field(default_factory=list)
-    before: list[GraphModule] = field(default_factory=list)
-    after: list[GraphModule] = field(default_factory=list)
+    before: list[GraphSnapshot] = field(default_factory=list)
+    after: list[GraphSnapshot] = field(default_factory=list)
 
     @property
     def fused(self) -> list[Site]:

@@ -86,6 +86,7 @@ class AttentionSpec:
     scale_expr: str = ""
     mask: MaskSpec = field(default_factory=MaskSpec)
     gqa_groups: int = 1
+    softcap: float = 0.0                    # scores become softcap·tanh(s/softcap); 0 = off
     dropout_p: float = 0.0
     softmax_dtype: Optional[torch.dtype] = None
     requires_grad: bool = False
@@ -116,6 +117,8 @@ class AttentionSpec:
         parts = [self.mask.describe(), f"scale {self.scale_expr or f'{self.scale:.4g}'}"]
         if self.gqa_groups > 1:
             parts.append(f"GQA {self.gqa_groups}:1")
+        if self.softcap:
+            parts.append(f"softcap {self.softcap:g}")
         parts.append(dtype)
         parts.append(f"BxHxNqxNkxD = {b}x{h}x{nq}x{nk}x{d}")
         return ", ".join(parts)

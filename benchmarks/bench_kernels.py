@@ -45,6 +45,9 @@ CASES = [
     (1, 2, 2, 300, 300, 256, 256, "top_left", "bool", torch.float16),
     (1, 4, 2, 1000, 1000, 128, 128, "top_left", None, torch.float32),
     (2, 8, 8, 1024, 1024, 64, 64, "none", "bias_grad", torch.bfloat16),
+    # Gemma 2 soft-capping (cap 50; q scaled x30 so the cap bends the scores), GQA, masks
+    (2, 8, 2, 517, 517, 128, 128, "top_left", "bias_grad", torch.bfloat16, 50.0),
+    (1, 4, 4, 1000, 1000, 256, 256, "none", "padding", torch.float16, 50.0),
 ]
 
 
@@ -66,25 +69,29 @@ def _mask(kind: Optional[str], b: int, h: int, nq: int, nk: int, dtype, dev) -> 
 def check_correctness() -> list[dict]:
     dev = torch.device("cuda")
     rows = []
-    for b, hq, hkv, nq, nk, d, dv, causal, mk, dtype in CASES:
+    for b, hq, hkv, nq, nk, d, dv, causal, mk, dtype, *cap in CASES:
+        softcap = cap[0] if cap else 0.0
         torch.manual_seed(0)
-        q = torch.randn(b, hq, nq, d, device=dev, dtype=dtype, requires_grad=True)
+        q = (torch.randn(b, hq, nq, d, device=dev, dtype=dtype) * (30.0 if softcap else 1.0)
+             ).requires_grad_(True)
         k = torch.randn(b, hkv, nk, d, device=dev, dtype=dtype, requires_grad=True)
         v = torch.randn(b, hkv, nk, dv, device=dev, dtype=dtype, requires_grad=True)
         mask = _mask(mk, b, hq, nq, nk, dtype, dev)
         leaves = [q, k, v] + ([mask] if mask is not None and mask.requires_grad else [])
-        out = attnfuse.attention(q, k, v, mask, is_causal=causal, enable_gqa=True, kernel="flash")
+        out = attnfuse.attention(q, k, v, mask, is_causal=causal, enable_gqa=True, kernel="flash",
+                                 softcap=softcap)
         dout = torch.randn_like(out)
         grads = torch.autograd.grad(out, leaves, dout)
         rd = reference_dtype(dtype)
         up = [t.detach().to(rd).requires_grad_(t.requires_grad) for t in leaves]
         m_ref = up[3] if len(up) > 3 else mask
-        ref, _ = reference.attention_forward(up[0], up[1], up[2], m_ref, None, causal)
+        ref, _ = reference.attention_forward(up[0], up[1], up[2], m_ref, None, causal,
+                                             softcap=softcap)
         ref_g = torch.autograd.grad(ref, up, dout.to(rd))
         low = [t.detach().requires_grad_(t.requires_grad) for t in leaves]
         m_low = low[3] if len(low) > 3 else mask
         lowp, _ = reference.attention_forward(low[0], low[1], low[2], m_low, None, causal,
-                                              acc_dtype=dtype)
+                                              softcap=softcap, acc_dtype=dtype)
         low_g = torch.autograd.grad(lowp, low, dout)
         names = ["out", "dq", "dk", "dv", "dbias"]
         results = [error_ratio("out", out, ref, lowp)] + [
@@ -92,7 +99,8 @@ def check_correctness() -> list[dict]:
         ok = all(r.ok for r in results)
         worst = max(results, key=lambda r: r.err / max(2 * r.baseline + r.floor, 1e-30))
         rows.append(dict(case=f"B{b} H{hq}/{hkv} N{nq}x{nk} D{d} {causal} {mk or '-'} "
-                              f"{str(dtype).replace('torch.', '')}",
+                              f"{str(dtype).replace('torch.', '')}"
+                              + (f" softcap {softcap:g}" if softcap else ""),
                          ok=ok, worst=str(worst)))
         print(("PASS " if ok else "FAIL ") + rows[-1]["case"] + " | " + worst.__str__(), flush=True)
     return rows

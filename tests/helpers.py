@@ -17,7 +17,11 @@ def softmax_count(gm: torch.fx.GraphModule) -> int:
 
 
 def fused_op_count(gm: torch.fx.GraphModule) -> int:
-    return sum(1 for n in gm.graph.nodes if n.target is torch.ops.attnfuse.attention.default)
+    """Fused ops in the graph, counting lowered multi-head attention calls (one op inside each)."""
+    from attnfuse.passes.lower import LOWERINGS
+    lowered = tuple(LOWERINGS.values())
+    return sum(1 for n in gm.graph.nodes
+               if n.target is torch.ops.attnfuse.attention.default or n.target in lowered)
 
 
 def check_rewrite(model: torch.nn.Module, inputs: Sequence[Any], *, fused: int, kept: int = 0,

@@ -13,9 +13,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from attnfuse.kernels.flash import flash_backward, flash_forward, supports  # noqa: E402
+from attnfuse.kernels.flash import (  # noqa: E402
+    _tanh_parts, flash_backward, flash_forward, supports)
 from attnfuse.kernels.reference import attention_backward, attention_forward  # noqa: E402
 from attnfuse.testing import assert_error_ratio, reference_dtype  # noqa: E402
 
@@ -52,15 +55,17 @@ def assert_grad(name, g, ref, low, zero_bound):
         assert g.abs().max().item() <= zero_bound, f"{name}: {g.abs().max().item()} should be ~0"
 
 
-def check(gen, q, k, v, mask=None, causal="none", mask_fill=NEG_INF, scale=None, mask_grad=False):
+def check(gen, q, k, v, mask=None, causal="none", mask_fill=NEG_INF, scale=None, mask_grad=False,
+          softcap=0.0):
     """Run forward + backward and compare every output with the reference; returns them."""
     inputs = [t.clone() for t in (q, k, v) + ((mask,) if mask is not None else ())]
     rd = reference_dtype(q.dtype)
     rmask = mask if mask is None or mask.dtype == torch.bool else mask.to(rd)
-    out, lse = flash_forward(q, k, v, mask, scale, causal, mask_fill)
+    out, lse = flash_forward(q, k, v, mask, scale, causal, mask_fill, softcap=softcap)
     ref_out, ref_lse = attention_forward(q.to(rd), k.to(rd), v.to(rd), rmask, scale, causal,
-                                         mask_fill)
-    low_out, low_lse = attention_forward(q, k, v, mask, scale, causal, mask_fill, acc_dtype=q.dtype)
+                                         mask_fill, softcap=softcap)
+    low_out, low_lse = attention_forward(q, k, v, mask, scale, causal, mask_fill, softcap=softcap,
+                                         acc_dtype=q.dtype)
     assert out.shape == ref_out.shape and out.dtype == q.dtype and out.is_contiguous()
     assert lse.shape == ref_lse.shape and lse.dtype == torch.float32
     assert not out.isnan().any() and not lse.isnan().any()
@@ -69,11 +74,12 @@ def check(gen, q, k, v, mask=None, causal="none", mask_fill=NEG_INF, scale=None,
     assert_error_ratio("lse", lse, ref_lse, low_lse)
 
     dout = _randn(gen, out.shape, q.dtype)
-    grads = flash_backward(dout, q, k, v, mask, out, lse, scale, causal, mask_fill, mask_grad)
+    grads = flash_backward(dout, q, k, v, mask, out, lse, scale, causal, mask_fill, mask_grad,
+                           softcap=softcap)
     ref = attention_backward(dout.to(rd), q.to(rd), k.to(rd), v.to(rd), rmask, ref_out, ref_lse,
-                             scale, causal, mask_fill, mask_grad)
+                             scale, causal, mask_fill, mask_grad, softcap=softcap)
     low = attention_backward(dout, q, k, v, mask, low_out, low_lse, scale, causal, mask_fill,
-                             mask_grad, acc_dtype=q.dtype)
+                             mask_grad, softcap=softcap, acc_dtype=q.dtype)
     # |dP − δ| rounding: D products of |dO|·|v| in fp32; summed over at most n rows or keys.
     n = max(q.shape[2] * q.shape[1] // k.shape[1], k.shape[2])
     ds_noise = 2 * v.shape[-1] * torch.finfo(torch.float32).eps * (
@@ -282,3 +288,183 @@ def test_property(b, hkv, group, nq, nk, d, dtype, causal, mask_kind, seed):
         mask = torch.randn(1, hkv * group, nq, nk, generator=gen).to(DEVICE)
     check(gen, q, k, v, mask, causal, scale=1.0 / math.sqrt(d) * 1.5,
           mask_grad=mask_kind == "float")
+
+
+# ----------------------------------------------------------------------------- soft-capping
+
+def _capped_qkv(gen, softcap, **kw):
+    """q scaled so that the scores reach the bend of the cap: about 30x for Gemma 2's 50 (scores
+    of std ~30), 4x for a cap of 5 (std ~4); unscaled scores (std ~1) would barely be capped."""
+    q, k, v = _qkv(gen, **kw)
+    return q * (30 if softcap == 50.0 else 4), k, v
+
+
+def _additive_mask(gen, shape):
+    mask = torch.randn(shape, generator=gen)
+    mask[torch.rand(shape, generator=gen) < 0.2] = NEG_INF
+    return mask
+
+
+@pytest.mark.parametrize("softcap", [50.0, 5.0])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_softcap_dtypes(dtype, softcap):
+    """GQA, bottom-right causal and a grad-requiring additive mask (gradient of the capped
+    scores), for out, lse, dq, dk, dv and dmask."""
+    gen = _gen("softcap_dtypes", dtype, softcap)
+    d = 72 if dtype == torch.bfloat16 else 40
+    q, k, v = _capped_qkv(gen, softcap, hq=4, hkv=2, nq=17, nk=29, d=d, dtype=dtype)
+    mask = _additive_mask(gen, (1, 4, 17, 29)).to(DEVICE, torch.float32)
+    check(gen, q, k, v, mask, causal="bottom_right", mask_grad=True, softcap=softcap)
+
+
+def test_softcap_fp32():
+    """fp32 with a cap of 5, on test_dtypes' shape.
+
+    Not fp32 with Gemma 2's cap: scores bent near ±50 give |lse| ~ 50, and the backward's
+    p = exp(s − lse) inherits the fp32 lse's rounding, |lse|·2⁻²⁴, several times torch's fp32
+    error (torch renormalises by the row sum); uncapped scores of that size fail alike (see
+    test_bool_mask_fully_masked_rows). fp32 with the additive mask of test_softcap_dtypes is a
+    near tie with or without the cap (see test_property)."""
+    gen = _gen("softcap_fp32")
+    q, k, v = _capped_qkv(gen, 5.0, nq=40, nk=50, d=40, dtype=torch.float32)
+    check(gen, q, k, v, softcap=5.0)
+
+
+@pytest.mark.parametrize("nq,nk,causal,dtype", [
+    (1, 1, "top_left", torch.float16), (1, 17, "bottom_right", torch.bfloat16),
+    (17, 17, "top_left", torch.bfloat16), (127, 127, "bottom_right", torch.float16),
+    (127, 17, "top_left", torch.float16)])
+def test_softcap_lengths(nq, nk, causal, dtype):
+    """Odd lengths with Gemma 2's cap, GQA 2:1, head dim 72 and a broadcast additive mask."""
+    gen = _gen("softcap_lengths", nq, nk, causal, dtype)
+    q, k, v = _capped_qkv(gen, 50.0, hq=2, hkv=1, nq=nq, nk=nk, d=72, dtype=dtype)
+    mask = _additive_mask(gen, (1, 1, nq, nk)).to(DEVICE, dtype)
+    check(gen, q, k, v, mask, causal=causal, mask_grad=True, softcap=50.0)
+
+
+@pytest.mark.parametrize("fill", [NEG_INF, -1e4])
+def test_softcap_bool_mask(fill):
+    """A bool mask fills after the cap: filled scores are exactly ``fill`` and get no gradient."""
+    gen = _gen("softcap_bool", fill)
+    q, k, v = _capped_qkv(gen, 5.0, hq=2, hkv=2, nq=19, nk=24, d=40)
+    check(gen, q, k, v, _bool_mask(gen, (1, 2, 19, 24)), causal="top_left", mask_fill=fill,
+          softcap=5.0)
+
+
+def test_softcap_huge_scores():
+    """Raw scores of ~1e4 saturate tanh: the capped scores sit at ±cap, nothing overflows."""
+    gen = _gen("softcap_huge")
+    q, k, v = _qkv(gen, hq=2, hkv=1, nq=18, nk=20, d=40, dtype=torch.float32)
+    q = q * 2e3
+    out, lse, grads = check(gen, q, k, v, causal="bottom_right", softcap=5.0)
+    assert lse.isfinite().all() and all(g.isfinite().all() for g in grads[:3])
+    assert (lse <= 5.0 + math.log(20) + 1e-5).all()   # every capped score is at most 5
+
+
+def test_softcap_changes_scores():
+    """The cap is applied (and not a no-op) in the kernel: capped and uncapped outputs differ by
+    far more than the kernel's own error."""
+    gen = _gen("softcap_changes")
+    q, k, v = _capped_qkv(gen, 50.0, nq=17, nk=17, d=40, dtype=torch.float32)
+    capped, _ = flash_forward(q, k, v, softcap=50.0)
+    plain, _ = flash_forward(q, k, v)
+    assert (capped - plain).abs().max().item() > 0.1
+    assert torch.equal(plain, flash_forward(q, k, v, softcap=0.0)[0])
+
+
+@pytest.mark.parametrize("bad", [-1.0, -0.0 - 1e-3, float("nan"), float("inf"), float("-inf")])
+def test_softcap_rejects_bad_values(bad):
+    gen = _gen("softcap_bad")
+    q, k, v = _qkv(gen)
+    out, lse = flash_forward(q, k, v)
+    msg = "expected a positive finite float, or 0 to disable"
+    for call in (lambda: flash_forward(q, k, v, softcap=bad),
+                 lambda: flash_backward(out, q, k, v, None, out, lse, softcap=bad),
+                 lambda: attention_forward(q, k, v, softcap=bad),
+                 lambda: attention_backward(out, q, k, v, None, out, lse, softcap=bad)):
+        with pytest.raises(ValueError, match=msg):
+            call()
+
+
+@triton.jit
+def _tanh_parts_kernel(X, T, DT, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    t, dt = _tanh_parts(tl.load(X + offs, mask=offs < N))
+    tl.store(T + offs, t, mask=offs < N)
+    tl.store(DT + offs, dt, mask=offs < N)
+
+
+def test_tanh_parts_accuracy():
+    """The kernel's exp2-based (tanh x, 1 − tanh² x) against fp64: tanh within 4 eps relative
+    (a GPU's exp2 and division are 2-ulp approximations); 1 − tanh² within eps·(4 + 2|x|)
+    relative (rounding the exponent 2|x|·log2 e costs |x|·eps) for |x| <= 40, below 1e-34
+    beyond; finite everywhere, ±1e4 and ±3e38 included. The naive 1 − 2/(e^{2x} + 1) fails the
+    first near 0, and 1 − t² the second for |x| > 2 or so."""
+    grid = torch.linspace(-48, 48, 20001)
+    tiny = torch.logspace(-30, 0, 301)
+    edges = torch.tensor([0.0, 0.625, 0.6249999, 0.6250001, 1e4, 3e38])
+    x = torch.cat([grid, tiny, -tiny, edges, -edges]).to(DEVICE, torch.float32)
+    t, dt = torch.empty_like(x), torch.empty_like(x)
+    _tanh_parts_kernel[(triton.cdiv(x.numel(), 1024),)](x, t, dt, x.numel(), BLOCK=1024)
+    assert t.isfinite().all() and dt.isfinite().all()
+    eps = torch.finfo(torch.float32).eps
+    x64, t64, dt64 = (y.double().cpu() for y in (x, t, dt))
+    want = torch.tanh(x64)
+    assert ((t64 - want).abs() <= 4 * eps * want.abs()).all(), "tanh"
+    a = x64.abs()
+    want_dt = 4 * torch.exp(-2 * a) / (1 + torch.exp(-2 * a)) ** 2     # 1 − tanh², no cancellation
+    inside = a <= 40
+    assert ((dt64 - want_dt).abs() <= eps * (4 + 2 * a) * want_dt)[inside].all(), "1 - tanh^2"
+    assert (dt64[~inside] <= 1e-34).all() and (t64[~inside].abs() == 1).all()
+
+
+def _eager_capped(q, k, v, mask, scale, causal, softcap, mask_fill=NEG_INF):
+    """The semantics written out in plain PyTorch: GQA by repeat_interleave, cap, mask, causal."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = scale * q @ k.transpose(-1, -2)
+    s = softcap * torch.tanh(s / softcap)
+    if mask is not None:
+        s = s.masked_fill(~mask, mask_fill) if mask.dtype == torch.bool else s + mask
+    if causal != "none":
+        nq, nk = s.shape[-2:]
+        offset = 0 if causal == "top_left" else nk - nq
+        band = torch.ones(nq, nk, dtype=torch.bool).tril(offset).to(s.device)
+        s = s.masked_fill(~band, NEG_INF)
+    return torch.softmax(s, -1) @ v, torch.logsumexp(s, -1)
+
+
+@pytest.mark.parametrize("mask_kind,causal", [("additive", "bottom_right"),
+                                              ("bool", "top_left"), (None, "none")])
+def test_reference_softcap_matches_eager(mask_kind, causal):
+    """The oracle itself, in fp64, against the eager formula and its autograd: out, lse, and
+    dq, dk, dv, dmask from both attention_backward and autograd through attention_forward."""
+    gen = _gen("softcap_oracle", mask_kind, causal)
+    softcap, scale = 50.0, 0.3
+    q, k, v = _capped_qkv(gen, softcap, b=2, hq=4, hkv=2, nq=13, nk=21, d=24,
+                          dtype=torch.float64)
+    mask = None
+    if mask_kind == "additive":
+        mask = torch.randn(2, 1, 13, 21, generator=gen, dtype=torch.float64).to(DEVICE) * 3
+    elif mask_kind == "bool":
+        mask = _bool_mask(gen, (2, 4, 13, 21))
+        mask[..., 0] = True                                     # no empty row: eager gives NaN
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    if mask_kind == "additive":
+        leaves.append(mask.clone().requires_grad_())
+    m = leaves[3] if mask_kind == "additive" else mask
+    want_out, want_lse = _eager_capped(*leaves[:3], m, scale, causal, softcap)
+    dout = torch.randn(want_out.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    want_grads = torch.autograd.grad(want_out, leaves, dout)
+    out, lse = attention_forward(*leaves[:3], m, scale, causal, softcap=softcap, chunk=5)
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(lse, want_lse)
+    autograd_grads = torch.autograd.grad(out, leaves, dout)
+    grads = attention_backward(dout, q, k, v, mask, out.detach(), lse.detach(), scale, causal,
+                               mask_grad=mask_kind == "additive", softcap=softcap, chunk=5)
+    for name, w, a, g in zip(("dq", "dk", "dv", "dmask"), want_grads, autograd_grads, grads):
+        torch.testing.assert_close(a, w, msg=f"autograd {name}")
+        torch.testing.assert_close(g, w, msg=f"attention_backward {name}")
+    # The cap bends these scores: without it the output is far away.
+    plain, _ = attention_forward(q, k, v, mask, scale, causal)
+    assert (plain - out).abs().max().item() > 0.1

@@ -6,18 +6,22 @@ Legend (the symbols of ``reference.py``; every tile comment uses them)::
     out [B, Hq,  Nq, Dv]    lse [B, Hq, Nq]   (fp32, natural log, -inf on rows with no key)
     mask read through strides as [B, Hq, Nq, Nk] (stride 0 on broadcast dims), never expanded
 
-    s   = scale·q·kᵀ + mask   or  mask_fill where a bool mask is False      (natural units)
+    s   = scale·q·kᵀ                                                         (natural units)
+    s   = softcap·t,  t = tanh(s / softcap)          only with HAS_SOFTCAP (softcap > 0), pre-mask
+    s   = s + mask   or  mask_fill where a bool mask is False
     s   = -inf outside the causal band and outside [0, Nq) x [0, Nk)
     m   = running row max of s    p = exp2(s·log2e − m·log2e)  (one FMA: log2 e folded into exp2)
     l   = running row sum of p    acc = Σ p·v    out = acc / l    lse = m + ln l
     backward: p = exp2(s·log2e − lse·log2e)   dP = dO·vᵀ   δ = rowsum(dO ∘ out)   dS = p ∘ (dP − δ)
               (dS = 0 where a bool mask filled the score: a constant has no gradient)
-              dq = scale·dS·k   dk = scale·Σ_group dSᵀ·q   dv = Σ_group pᵀ·dO   dmask = dS
+              dmask = dS   then dS = dS ∘ (1 − t²) with HAS_SOFTCAP (through the cap)
+              dq = scale·dS·k   dk = scale·Σ_group dSᵀ·q   dv = Σ_group pᵀ·dO
 
 Kernels: ``_fwd_kernel`` (grid: query blocks x Hq x B), ``_bwd_preprocess`` (δ),
 ``_bwd_dkdv_kernel`` (a K/V block stays put, loops over the G query heads and the query blocks; no
 atomics) and ``_bwd_dq_kernel`` (a Q block stays put, loops over key blocks; optionally stores dS
-for the mask gradient). Variants (mask kind, causal, fp32 dots, dS output) are constexpr flags.
+for the mask gradient). Variants (mask kind, causal, soft-cap, fp32 dots, dS output) are constexpr
+flags; ``softcap=0`` compiles the same code as a kernel without the cap.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import CAUSAL_KINDS
+from .reference import CAUSAL_KINDS, check_softcap
 
 _LOG2E_F = 1.4426950408889634
 _LN2_F = 0.6931471805599453
@@ -70,6 +74,39 @@ def _mask_scores(s, rows, cols, Mask, smm, smn, NQ, NK, offset, fill,
     if CAUSAL:
         inside = inside & (cols <= rows + offset)
     return tl.where(inside, s, float("-inf"))
+
+
+@triton.jit
+def _tanh_parts(x):
+    """``(tanh x, 1 − tanh² x)`` in fp32 to a few ulp for every finite x, from exp2 alone.
+
+    |x| < 0.625: Cephes' tanhf polynomial (1 − 2/(e^{2x} + 1) would cancel near 0). Otherwise
+    r = 1 − tanh|x| = 2/(e^{2|x|} + 1) has no cancellation, and 1 − tanh² = r·(2 − r) keeps
+    its relative accuracy where tanh rounds to ±1. The exponent is clamped at |x| = 44 (e^{88}
+    is still finite in fp32, and 1 − tanh² there is ~2e-38), so no inf or NaN arises at any x."""
+    a = tl.abs(x)
+    e = tl.math.exp2(tl.minimum(a, 44.0) * (2.0 * _LOG2E))
+    r = 2.0 / (e + 1.0)
+    a_small = tl.minimum(a, 0.625)
+    z = a_small * a_small
+    poly = ((((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z
+             + 1.33314422036e-1) * z - 3.33332819422e-1) * z * a_small + a_small
+    small = a < 0.625
+    t = tl.where(small, poly, 1.0 - r)
+    dt = tl.where(small, 1.0 - poly * poly, r * (2.0 - r))
+    return tl.where(x < 0.0, -t, t), dt
+
+
+@triton.jit
+def _scaled_scores(q, kT, scale, softcap, PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """``(s, 1 − t²)``: scale·q·kᵀ, soft-capped with HAS_SOFTCAP (else 1 − t² is a dummy 1)."""
+    s = tl.dot(q, kT, input_precision=PREC) * scale
+    if HAS_SOFTCAP:
+        t, dt = _tanh_parts(s * (1.0 / softcap))
+        s = softcap * t
+    else:
+        dt = 1.0
+    return s, dt
 
 
 @triton.jit
@@ -121,16 +158,16 @@ def _load_lse2(ptrs, valid):
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K, V, Mask, offs_m, offs_d, offs_dv, lo, hi,
-               skn, skd, svn, svd, smm, smn, NQ, NK, D, DV, scale, fill, offset,
+               skn, skd, svn, svd, smm, smn, NQ, NK, D, DV, scale, fill, offset, softcap,
                MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-               EMU_BF16: tl.constexpr, BLOCK_N: tl.constexpr):
+               EMU_BF16: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr):
     """Online softmax over the key blocks [lo, hi): the FlashAttention-2 inner loop."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kT = _operand(tl.load(K + offs_n[None, :] * skn + offs_d[:, None] * skd,
                               mask=(offs_n[None, :] < NK) & (offs_d[:, None] < D), other=0.0),
                       EMU_BF16)  # [BLOCK_D, BLOCK_N]
-        s = tl.dot(q, kT, input_precision=PREC) * scale  # [BLOCK_M, BLOCK_N]
+        s, _ = _scaled_scores(q, kT, scale, softcap, PREC, HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
         s = _mask_scores(s, offs_m[:, None], offs_n[None, :], Mask, smm, smn, NQ, NK, offset,
                          fill, MASK_KIND, CAUSAL)
         m_new = tl.maximum(m_i, tl.max(s, 1))  # [BLOCK_M]
@@ -152,10 +189,10 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, Mask, offs_m, offs_d, offs_dv, lo, hi,
 def _fwd_kernel(Q, K, V, Mask, Out, Lse,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                 smb, smh, smm, smn, sob, soh, som, sod, slb, slh, slm,
-                GROUP, NQ, NK, D, DV, scale, fill, offset, NQ_BUCKET, NK_BUCKET,
+                GROUP, NQ, NK, D, DV, scale, fill, offset, softcap, NQ_BUCKET, NK_BUCKET,
                 MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                EMU_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                EMU_BF16: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """out and lse for one query block of one query head."""
     start_m = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1).to(tl.int64)
@@ -176,10 +213,12 @@ def _fwd_kernel(Q, K, V, Mask, Out, Lse,
     lo, hi = _key_range(start_m, NK, offset, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, Mask, offs_m, offs_d, offs_dv, 0, lo,
                                skn, skd, svn, svd, smm, smn, NQ, NK, D, DV, scale, fill,
-                               offset, MASK_KIND, False, PREC, EMU_BF16, BLOCK_N)
+                               offset, softcap, MASK_KIND, False, PREC, EMU_BF16, HAS_SOFTCAP,
+                               BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, Mask, offs_m, offs_d, offs_dv, lo, hi,
                                skn, skd, svn, svd, smm, smn, NQ, NK, D, DV, scale, fill,
-                               offset, MASK_KIND, CAUSAL, PREC, EMU_BF16, BLOCK_N)
+                               offset, softcap, MASK_KIND, CAUSAL, PREC, EMU_BF16, HAS_SOFTCAP,
+                               BLOCK_N)
     empty = l_i == 0.0  # no key at all: out = 0, lse = -inf
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]  # [BLOCK_M, BLOCK_DV]
@@ -210,9 +249,9 @@ def _bwd_preprocess(Out, DO, Delta, sob, soh, som, sod, sdb, sdh, sdm, sdd, NQ, 
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, Mask, offs_n, offs_d, offs_dv, lo, hi,
-                sqm, sqd, sdm, sdd, slm, smm, smn, NQ, NK, D, DV, scale, fill, offset,
+                sqm, sqd, sdm, sdd, slm, smm, smn, NQ, NK, D, DV, scale, fill, offset, softcap,
                 MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                EMU_BF16: tl.constexpr, BLOCK_M: tl.constexpr):
+                EMU_BF16: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr):
     """Accumulate dk, dv of one key block over the query blocks [lo, hi) of one query head."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -220,7 +259,7 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, Mask, offs_n, offs_d, offs_dv, 
         qT = _operand(tl.load(Q + offs_m[None, :] * sqm + offs_d[:, None] * sqd,
                               mask=in_m[None, :] & (offs_d[:, None] < D), other=0.0),
                       EMU_BF16)  # [BLOCK_D, BLOCK_M]
-        sT = tl.dot(k, qT, input_precision=PREC) * scale  # [BLOCK_N, BLOCK_M]
+        sT, dtT = _scaled_scores(k, qT, scale, softcap, PREC, HAS_SOFTCAP)  # [BLOCK_N, BLOCK_M]
         sT = _mask_scores(sT, offs_m[None, :], offs_n[:, None], Mask, smm, smn, NQ, NK, offset,
                           fill, MASK_KIND, CAUSAL)
         lse2 = _load_lse2(Lse + offs_m * slm, in_m)  # [BLOCK_M]
@@ -236,6 +275,8 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, Mask, offs_n, offs_d, offs_dv, 
         if MASK_KIND == _BOOL_MASK:  # filled scores are constants: probability but no gradient
             dsT = tl.where(_keep(Mask, offs_m[None, :], offs_n[:, None], smm, smn,
                                  in_m[None, :] & (offs_n[:, None] < NK)), dsT, 0.0)
+        if HAS_SOFTCAP:  # through the cap: d(softcap·tanh(x/softcap))/dx = 1 − t²
+            dsT = dsT * dtT
         dk = tl.dot(_lowp(dsT, qT, EMU_BF16), tl.trans(qT), dk,
                     input_precision=PREC)  # [BLOCK_N, BLOCK_D]
     return dk, dv
@@ -246,10 +287,11 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, DO, Lse, Delta, DK, DV_,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                      smb, smh, smm, smn, sdb, sdh, sdm, sdd, slb, slh, slm,
                      sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
-                     HQ, GROUP, NQ, NK, D, DV, scale, fill, offset, NQ_BUCKET, NK_BUCKET,
-                     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                     EMU_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                     HQ, GROUP, NQ, NK, D, DV, scale, fill, offset, softcap, NQ_BUCKET,
+                     NK_BUCKET, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+                     PREC: tl.constexpr, EMU_BF16: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_DV: tl.constexpr):
     """dk, dv for one key block of one kv head, summed over its G query heads (no atomics)."""
     start_n = tl.program_id(0) * BLOCK_N
     hk = tl.program_id(1).to(tl.int64)
@@ -283,10 +325,12 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, DO, Lse, Delta, DK, DV_,
         Maskh = Mask + b * smb + h * smh
         dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, Lseh, Deltah, Maskh, offs_n, offs_d, offs_dv,
                              lo, mid, sqm, sqd, sdm, sdd, slm, smm, smn, NQ, NK, D, DV, scale,
-                             fill, offset, MASK_KIND, CAUSAL, PREC, EMU_BF16, BLOCK_M)
+                             fill, offset, softcap, MASK_KIND, CAUSAL, PREC, EMU_BF16,
+                             HAS_SOFTCAP, BLOCK_M)
         dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, Lseh, Deltah, Maskh, offs_n, offs_d, offs_dv,
                              mid, NQ, sqm, sqd, sdm, sdd, slm, smm, smn, NQ, NK, D, DV, scale,
-                             fill, offset, MASK_KIND, False, PREC, EMU_BF16, BLOCK_M)
+                             fill, offset, softcap, MASK_KIND, False, PREC, EMU_BF16,
+                             HAS_SOFTCAP, BLOCK_M)
     dk = dk * scale
     tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
              _for_store(dk, DK, EMU_BF16), mask=(offs_n[:, None] < NK) & (offs_d[None, :] < D))
@@ -296,9 +340,10 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, DO, Lse, Delta, DK, DV_,
 
 @triton.jit
 def _dq_inner(dq, q, do, lse2, delta, K, V, Mask, DS, offs_m, offs_d, offs_dv, lo, hi,
-              skn, skd, svn, svd, smm, smn, sdsm, NQ, NK, D, DV, scale, fill, offset,
+              skn, skd, svn, svd, smm, smn, sdsm, NQ, NK, D, DV, scale, fill, offset, softcap,
               MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-              EMU_BF16: tl.constexpr, WRITE_DS: tl.constexpr, BLOCK_N: tl.constexpr):
+              EMU_BF16: tl.constexpr, WRITE_DS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+              BLOCK_N: tl.constexpr):
     """Accumulate dq of one query block over the key blocks [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -308,7 +353,7 @@ def _dq_inner(dq, q, do, lse2, delta, K, V, Mask, DS, offs_m, offs_d, offs_dv, l
         vT = _operand(tl.load(V + offs_n[None, :] * svn + offs_dv[:, None] * svd,
                               mask=(offs_n[None, :] < NK) & (offs_dv[:, None] < DV), other=0.0),
                       EMU_BF16)  # [BLOCK_DV, BLOCK_N]
-        s = tl.dot(q, kT, input_precision=PREC) * scale  # [BLOCK_M, BLOCK_N]
+        s, dt = _scaled_scores(q, kT, scale, softcap, PREC, HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
         s = _mask_scores(s, offs_m[:, None], offs_n[None, :], Mask, smm, smn, NQ, NK, offset,
                          fill, MASK_KIND, CAUSAL)
         p = tl.math.exp2(tl.minimum(s * _LOG2E - lse2[:, None], 0.0))  # [BLOCK_M, BLOCK_N]
@@ -317,9 +362,11 @@ def _dq_inner(dq, q, do, lse2, delta, K, V, Mask, DS, offs_m, offs_d, offs_dv, l
         if MASK_KIND == _BOOL_MASK:  # filled scores are constants: probability but no gradient
             ds = tl.where(_keep(Mask, offs_m[:, None], offs_n[None, :], smm, smn,
                                 (offs_m[:, None] < NQ) & (offs_n[None, :] < NK)), ds, 0.0)
-        if WRITE_DS:
+        if WRITE_DS:  # the additive mask's gradient: dS of the capped scores
             tl.store(DS + offs_m[:, None] * sdsm + offs_n[None, :], ds,
                      mask=(offs_m[:, None] < NQ) & (offs_n[None, :] < NK))
+        if HAS_SOFTCAP:  # through the cap: d(softcap·tanh(x/softcap))/dx = 1 − t²
+            ds = ds * dt
         dq = tl.dot(_lowp(ds, kT, EMU_BF16), tl.trans(kT), dq,
                     input_precision=PREC)  # [BLOCK_M, BLOCK_D]
     return dq
@@ -330,10 +377,11 @@ def _bwd_dq_kernel(Q, K, V, Mask, DO, Lse, Delta, DQ, DS,
                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                    smb, smh, smm, smn, sdb, sdh, sdm, sdd, slb, slh, slm,
                    sdqb, sdqh, sdqm, sdqd, sdsb, sdsh, sdsm,
-                   GROUP, NQ, NK, D, DV, scale, fill, offset, NQ_BUCKET, NK_BUCKET,
+                   GROUP, NQ, NK, D, DV, scale, fill, offset, softcap, NQ_BUCKET, NK_BUCKET,
                    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                   EMU_BF16: tl.constexpr, WRITE_DS: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                   EMU_BF16: tl.constexpr, WRITE_DS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_DV: tl.constexpr):
     """dq for one query block of one query head; with WRITE_DS also dS into an fp32 buffer."""
     start_m = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1).to(tl.int64)
@@ -359,10 +407,10 @@ def _bwd_dq_kernel(Q, K, V, Mask, DO, Lse, Delta, DQ, DS,
     lo, hi = _key_range(start_m, NK, offset, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _dq_inner(dq, q, do, lse2, delta, K, V, Mask, DS, offs_m, offs_d, offs_dv, 0, lo,
                    skn, skd, svn, svd, smm, smn, sdsm, NQ, NK, D, DV, scale, fill, offset,
-                   MASK_KIND, False, PREC, EMU_BF16, WRITE_DS, BLOCK_N)
+                   softcap, MASK_KIND, False, PREC, EMU_BF16, WRITE_DS, HAS_SOFTCAP, BLOCK_N)
     dq = _dq_inner(dq, q, do, lse2, delta, K, V, Mask, DS, offs_m, offs_d, offs_dv, lo, hi,
                    skn, skd, svn, svd, smm, smn, sdsm, NQ, NK, D, DV, scale, fill, offset,
-                   MASK_KIND, CAUSAL, PREC, EMU_BF16, WRITE_DS, BLOCK_N)
+                   softcap, MASK_KIND, CAUSAL, PREC, EMU_BF16, WRITE_DS, HAS_SOFTCAP, BLOCK_N)
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
              _for_store(dq * scale, DQ, EMU_BF16), mask=in_m[:, None] & (offs_d[None, :] < D))
 
@@ -380,7 +428,7 @@ def _is_interpreted(kernel: object) -> bool:
 
 _INTERPRET = _is_interpreted(_fwd_kernel)
 # Autotuning keys: sequence lengths by power-of-two bucket, so a new length rarely retunes.
-_TUNE_KEY = ["NQ_BUCKET", "NK_BUCKET", "D", "DV", "MASK_KIND", "CAUSAL"]
+_TUNE_KEY = ["NQ_BUCKET", "NK_BUCKET", "D", "DV", "MASK_KIND", "CAUSAL", "HAS_SOFTCAP"]
 # Under the interpreter blocks are tiny so that tests cover many blocks quickly.
 _INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 _PREPROCESS_BLOCK_M = 16 if _INTERPRET else 64
@@ -500,12 +548,13 @@ def _device_ctx(t: torch.Tensor) -> contextlib.AbstractContextManager:
 
 
 def _common(q: torch.Tensor, k: torch.Tensor, scale: Optional[float], causal: str,
-            mask_fill: float) -> dict:
+            mask_fill: float, softcap: float) -> dict:
     """Kernel arguments shared by the forward and both backward kernels."""
     nq, nk, d = q.shape[2], k.shape[2], q.shape[3]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     return dict(GROUP=q.shape[1] // k.shape[1], NQ=nq, NK=nk, D=d, scale=scale,
                 fill=_clamp_fill(mask_fill), offset=nk - nq if causal == "bottom_right" else 0,
+                softcap=softcap, HAS_SOFTCAP=softcap > 0.0,
                 NQ_BUCKET=triton.next_power_of_2(nq), NK_BUCKET=triton.next_power_of_2(nk),
                 CAUSAL=causal != "none", PREC="ieee" if q.dtype == torch.float32 else "tf32",
                 EMU_BF16=_INTERPRET and q.dtype == torch.bfloat16,
@@ -517,9 +566,11 @@ def _common(q: torch.Tensor, k: torch.Tensor, scale: Optional[float], causal: st
 def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
                   causal: str = "none", mask_fill: float = float("-inf"),
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """out [B,Hq,Nq,Dv] in q.dtype (contiguous), lse [B,Hq,Nq] fp32 (natural log; -inf on empty
-    rows). ``scale=None`` means 1/sqrt(D); raises ValueError with ``supports``' reasons."""
+    rows). ``scale=None`` means 1/sqrt(D); ``softcap > 0`` soft-caps the scores, 0 disables it.
+    Raises ValueError with ``supports``' reasons, or for a negative/NaN/inf softcap."""
+    softcap = check_softcap(softcap)
     _check(q, k, v, mask, causal)
     b, hq, nq, _ = q.shape
     dv_dim = v.shape[3]
@@ -528,7 +579,7 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if lse.numel() == 0:
         return out, lse
     m, m_strides, kind = _mask_args(mask, q)
-    args = _common(q, k, scale, causal, mask_fill)
+    args = _common(q, k, scale, causal, mask_fill, softcap)
 
     def grid(meta: dict) -> tuple[int, int, int]:
         return (triton.cdiv(nq, meta["BLOCK_M"]), hq, b)
@@ -544,9 +595,12 @@ def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
                    scale: Optional[float] = None, causal: str = "none",
                    mask_fill: float = float("-inf"), mask_grad: bool = False,
+                   softcap: float = 0.0,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """dq, dk, dv (same dtype/shape as q, k, v; contiguous), dmask shaped like mask (only when
-    mask_grad, else None). ``lse`` is the forward's (natural log); ``out``/``dout`` any strides."""
+    mask_grad, else None). ``lse`` is the forward's (natural log); ``out``/``dout`` any strides.
+    ``softcap`` must be the forward's; dmask is the gradient of the capped scores."""
+    softcap = check_softcap(softcap)
     _check(q, k, v, mask, causal)
     if mask_grad and (mask is None or mask.dtype == torch.bool):
         raise ValueError("mask_grad=True needs an additive float mask")
@@ -565,7 +619,7 @@ def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
             t.zero_()
     else:
         m, m_strides, kind = _mask_args(mask, q)
-        args = _common(q, k, scale, causal, mask_fill)
+        args = _common(q, k, scale, causal, mask_fill, softcap)
         delta = torch.empty((b, hq, nq), dtype=torch.float32, device=q.device)
         bdv = _block(dv_dim)
         shared = (*q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *lse.stride())

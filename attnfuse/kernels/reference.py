@@ -6,8 +6,14 @@ Legend (shared by every kernel in this package)::
     mask broadcastable to [B, Hq, Nq, Nk]: bool (True = attend) or additive float
     out  [B, Hq,  Nq, Dv]     lse [B, Hq, Nq] (natural log, fp32; -inf on rows with no key)
 
-    S = scale * q @ kᵀ ; S = where(mask, S, mask_fill) | S + mask ; S = -inf outside the causal band
+    S = scale * q @ kᵀ
+    S = softcap * tanh(S / softcap)      only if softcap > 0 (Gemma 2's soft-capping; before masks)
+    S = where(mask, S, mask_fill) | S + mask ; S = -inf outside the causal band
     P = softmax(S) ; out = P @ v
+
+Backward: dS = P ∘ (dP − δ) is the gradient of the capped, masked scores (an additive mask gets it
+as is); q and k get dS ∘ (1 − tanh²(S_raw / softcap)), the cap's derivative, with S_raw the
+uncapped ``scale * q @ kᵀ``.
 
 GQA: query head ``h`` reads key/value head ``h // (Hq // Hkv)`` (the order ``repeat_interleave``
 and ``repeat_kv`` produce). Causal ``"top_left"`` keeps key ``j`` for query ``i`` when ``j <= i``;
@@ -33,9 +39,23 @@ def _acc(dtype: torch.dtype, acc_dtype: Optional[torch.dtype]) -> torch.dtype:
     return acc_dtype if acc_dtype is not None else torch.promote_types(dtype, torch.float32)
 
 
-def _scores(q_c, k, mask_c, scale, causal, row0, nq, nk, mask_fill, acc):
-    """Masked, scaled scores for query rows [row0, row0 + q_c.shape[-2]).  # [B, Hkv, G, c, Nk]"""
+def check_softcap(softcap: float) -> float:
+    """``softcap`` as a float: positive and finite caps the scores, 0 disables; else ValueError."""
+    cap = float(softcap)
+    if not (cap == 0.0 or 0.0 < cap < math.inf):
+        raise ValueError(f"softcap: expected a positive finite float, or 0 to disable "
+                         f"soft-capping, got {softcap!r}")
+    return cap
+
+
+def _scores(q_c, k, mask_c, scale, causal, row0, nq, nk, mask_fill, acc, softcap=0.0):
+    """Masked, scaled (and soft-capped) scores for query rows [row0, row0 + q_c.shape[-2]), and
+    ``tanh(S_raw / softcap)`` (None without a cap) for the backward.   # both [B, Hkv, G, c, Nk]"""
     s = torch.matmul(q_c, k.transpose(-1, -2).unsqueeze(2)) * scale
+    t = None
+    if softcap:
+        t = torch.tanh(s / softcap)
+        s = softcap * t
     if mask_c is not None:
         if mask_c.dtype == torch.bool:
             s = s.masked_fill(~mask_c, mask_fill)
@@ -46,7 +66,7 @@ def _scores(q_c, k, mask_c, scale, causal, row0, nq, nk, mask_fill, acc):
         cols = torch.arange(nk, device=s.device)[None, :]
         offset = 0 if causal == "top_left" else nk - nq
         s = s.masked_fill(cols > rows + offset, float("-inf"))
-    return s
+    return s, t
 
 
 def _softmax(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,11 +103,16 @@ def attention_forward(
     scale: Optional[float] = None,
     causal: str = "none",
     mask_fill: float = float("-inf"),
+    softcap: float = 0.0,
     *,
     acc_dtype: Optional[torch.dtype] = None,
     chunk: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(out, lse)``; ``out`` in q's dtype, ``lse`` in the accumulation dtype."""
+    """Returns ``(out, lse)``; ``out`` in q's dtype, ``lse`` in the accumulation dtype.
+
+    ``softcap > 0`` soft-caps the scores (see the legend); 0 disables it. Differentiable by
+    autograd as well as through :func:`attention_backward`."""
+    softcap = check_softcap(softcap)
     acc = _acc(q.dtype, acc_dtype)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     nq, nk = q.shape[2], k.shape[2]
@@ -96,8 +121,8 @@ def attention_forward(
     outs, lses = [], []
     for r0 in range(0, nq, chunk):
         r1 = min(nq, r0 + chunk)
-        s = _scores(qg[..., r0:r1, :], kf, None if mg is None else mg[..., r0:r1, :],
-                    scale, causal, r0, nq, nk, mask_fill, acc)
+        s, _ = _scores(qg[..., r0:r1, :], kf, None if mg is None else mg[..., r0:r1, :],
+                       scale, causal, r0, nq, nk, mask_fill, acc, softcap)
         p, lse = _softmax(s)
         outs.append(torch.matmul(p, vf.unsqueeze(2)))
         lses.append(lse)
@@ -127,6 +152,7 @@ def attention_backward(
     causal: str = "none",
     mask_fill: float = float("-inf"),
     mask_grad: bool = False,
+    softcap: float = 0.0,
     *,
     acc_dtype: Optional[torch.dtype] = None,
     chunk: int = 256,
@@ -137,7 +163,10 @@ def attention_backward(
 
     dP = dO·Vᵀ, dS = P ∘ (dP − δ) with δ = rowsum(P ∘ dP), dQ = scale·dS·K, dK = scale·dSᵀ·Q,
     dV = Pᵀ·dO; an additive mask gets dS itself, summed over the dimensions it was broadcast on.
+    With ``softcap > 0`` dQ and dK use dS ∘ (1 − tanh²(S_raw / softcap)) in place of dS (the mask,
+    added after the cap, still gets dS).
     """
+    softcap = check_softcap(softcap)
     acc = _acc(q.dtype, acc_dtype)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     b, hq, nq, _ = q.shape
@@ -155,8 +184,8 @@ def attention_backward(
         dmask = torch.zeros(mask.shape, dtype=acc, device=mask.device)
     for r0 in range(0, nq, chunk):
         r1 = min(nq, r0 + chunk)
-        s = _scores(qg[..., r0:r1, :], kf, None if mg is None else mg[..., r0:r1, :],
-                    scale, causal, r0, nq, nk, mask_fill, acc)
+        s, t = _scores(qg[..., r0:r1, :], kf, None if mg is None else mg[..., r0:r1, :],
+                       scale, causal, r0, nq, nk, mask_fill, acc, softcap)
         p, _ = _softmax(s)                                                     # [B, Hkv, G, c, Nk]
         do = dog[..., r0:r1, :]
         dp = torch.matmul(do, vf.transpose(-1, -2).unsqueeze(2))
@@ -165,8 +194,10 @@ def attention_backward(
         if mg is not None and mg.dtype == torch.bool:
             # Filled scores are constants: with a finite fill they carry probability, not gradient.
             ds = ds.masked_fill(~mg[..., r0:r1, :], 0.0)
-        dq_parts.append(torch.matmul(ds, kf.unsqueeze(2)) * scale)
-        dk += (torch.matmul(ds.transpose(-1, -2), qg[..., r0:r1, :]) * scale).sum(2)
+        # Through the cap, d(c·tanh(x/c))/dx = 1 − tanh²; the mask, added after it, gets dS.
+        ds_raw = ds if t is None else ds * (1 - t * t)
+        dq_parts.append(torch.matmul(ds_raw, kf.unsqueeze(2)) * scale)
+        dk += (torch.matmul(ds_raw.transpose(-1, -2), qg[..., r0:r1, :]) * scale).sum(2)
         dv += torch.matmul(p.transpose(-1, -2), do).sum(2)
         if dmask is not None:
             full = ds.flatten(1, 2)                                            # [B, Hq, c, Nk]

@@ -13,6 +13,7 @@ Soundness rules (a rewrite never changes what the model computes):
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
@@ -27,6 +28,20 @@ from . import canonicalize as C
 _MAX_CONST_EVAL_NUMEL = 1 << 24
 
 
+Step = tuple[str, tuple]          # a method call applied to an operand: ("permute", (0, 2, 1, 3))
+
+
+@dataclass
+class Operand:
+    """A tensor the fused op needs: ``node`` with view ``ops`` applied (into the op's 4-D domain)."""
+
+    node: Node
+    ops: tuple[Step, ...] = ()
+
+    def then(self, *steps: Step) -> "Operand":
+        return Operand(self.node, self.ops + tuple(s for s in steps if s is not None))
+
+
 @dataclass
 class MaskTerm:
     """A mask between Q·Kᵀ and softmax. ``factor``: scales applied after it (walking outward)."""
@@ -36,25 +51,56 @@ class MaskTerm:
     factor: sympy.Expr
     fill: float = float("-inf")
     negate: bool = False           # fill masks: True when the node marks positions to drop
+    domain: tuple = ()             # the batch dims of the scores where the mask was applied
+    ops: tuple[Step, ...] = ()     # views that bring it into the op's [B, H, Nq, Nk] domain
 
 
 @dataclass
 class Match:
     softmax: Node
     pv: Node
-    q: Node
-    k: Node
-    v: Node
-    k_transposed: bool             # False: K must be recovered as ``kt.mT``
+    q: Operand
+    k: Operand                     # [B, Hkv, Nk, D] after its ops
+    v: Operand
     scale: sympy.Expr
     masks: list[MaskTerm]
     causal: str
     dead: list[Node]               # nodes the fused op replaces
     rules: list[str] = field(default_factory=list)
+    softcap: float = 0.0
+    out_ops: tuple[Step, ...] = ()  # from the op's [B, H, Nq, Dv] back to P·V's layout
+    gqa_groups: int = 1
 
 
-def _single_user(node: Node) -> bool:
-    return len(node.users) == 1
+class Context:
+    """Per-graph facts the matcher reads: the graph, its example inputs, node order."""
+
+    def __init__(self, gm: GraphModule, example_inputs: Sequence[Any]) -> None:
+        self.gm, self.example_inputs = gm, example_inputs
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self._const: dict[Node, Optional[torch.Tensor]] = {}
+
+    def constant(self, node: Node) -> Optional[torch.Tensor]:
+        if node not in self._const:
+            self._const[node] = constant_value(node, self.gm, self.example_inputs, self)
+        return self._const[node]
+
+
+def _is_meta_user(user: Node, node: Node) -> bool:
+    """``y.type_as(node)`` reads only ``node``'s dtype."""
+    return (user.op == "call_method" and user.target == "type_as" and len(user.args) == 2
+            and user.args[1] is node and user.args[0] is not node)
+
+
+def _users(node: Node, meta_users: Optional[list[Node]] = None) -> list[Node]:
+    real = []
+    for u in node.users:
+        if meta_users is not None and _is_meta_user(u, node):
+            meta_users.append(u)
+        else:
+            real.append(u)
+    return real
 
 
 def _op_name(node: Node) -> str:
@@ -69,26 +115,31 @@ def _describe_users(node: Node) -> str:
 
 def _fmt(expr: sympy.Expr) -> str:
     """Readable form of a folded scale: ``1/sqrt(64)`` becomes ``1/8``, 0.0883883 ``sqrt(2)/16``."""
-    value = float(expr)
+    return _fmt_value(float(expr))
+
+
+@functools.lru_cache(maxsize=256)
+def _fmt_value(value: float) -> str:
     guess = sympy.nsimplify(value, [sympy.sqrt(2), sympy.sqrt(3), sympy.sqrt(5)], tolerance=1e-12)
     if abs(float(guess) - value) <= 1e-12 * abs(value) and len(str(guess)) < 16:
         return str(guess)
     return f"{value:.6g}"
 
 
-def _forward_chain(sm: Node, rules: list[str]) -> Union[tuple[Node, list[Node]], Reject]:
-    """From the softmax to the P·V matmul, through casts and inactive dropout."""
+def _forward_chain(sm: Node, rules: list[str]) -> Union[tuple[Node, C.Reading, list[Node]], Reject]:
+    """From the softmax to the P·V matmul, through casts, views and inactive dropout."""
     cur, chain = sm, []
     while True:
-        if not _single_user(cur):
-            return Reject(f"attention probabilities have {len(cur.users)} users ({_describe_users(cur)}): "
+        users = _users(cur)
+        if len(users) != 1:
+            return Reject(f"attention probabilities have {len(users)} users ({_describe_users(cur)}): "
                           f"they are returned or reused (e.g. output_attentions=True), so the "
                           f"softmax must stay")
-        (user,) = cur.users
+        (user,) = users
         reason = C.active_dropout(user)
         if reason:
             return Reject(reason)
-        step = C.read(user, C.cast, C.identity)
+        step = C.read(user, C.cast, C.identity, C.batch_view)
         if step is not None and step.x is cur:
             rules.append(step.rule)
             chain.append(user)
@@ -96,27 +147,48 @@ def _forward_chain(sm: Node, rules: list[str]) -> Union[tuple[Node, list[Node]],
             continue
         mm = C.read(user, C.matmul)
         if mm is not None and mm.x is cur and mm.other is not cur:
+            if mm.perm_a is not None:
+                return Reject(f"{mm.rule} reads the probabilities transposed; not a P·V product")
+            if mm.bias is not None or (mm.dim not in (None, 1)):
+                return Reject("P·V via baddbmm with a bias or alpha != 1; not fused")
             rules.append(mm.rule)
-            return user, chain
+            return user, mm, chain
         return Reject(f"softmax output feeds {_describe_users(cur)}, not a P·V matmul")
 
 
-def _backward_chain(start: Node, rules: list[str]) -> Union[
-        tuple[Node, sympy.Expr, list[MaskTerm], list[Node]], Reject]:
-    """From the softmax input back to Q·Kᵀ: scales, masks and upcasts in between."""
-    cur, factor, masks, chain = start, sympy.Integer(1), [], []
+def _batch(node: Any) -> tuple:
+    return tuple(C.meta(node).shape[:-2])
+
+
+def _backward_chain(start: Node, rules: list[str], ctx: Context, meta_users: list[Node]) -> Union[
+        tuple[Node, C.Reading, sympy.Expr, float, list[MaskTerm], list[Node]], Reject]:
+    """From the softmax input back to Q·Kᵀ: scales, masks, soft-capping, upcasts and views."""
+    cur, factor, masks, chain, softcap = start, sympy.Integer(1), [], [], 0.0
     while True:
-        if not _single_user(cur):
-            return Reject(f"attention scores have {len(cur.users)} users ({_describe_users(cur)}); "
+        users = _users(cur, meta_users)
+        if len(users) != 1:
+            return Reject(f"attention scores have {len(users)} users ({_describe_users(cur)}); "
                           f"fusing would drop the other use")
-        r = C.read(cur, C.matmul, C.cast, C.identity, C.scale, C.add_mask, C.fill_mask)
+        r = C.read(cur, C.matmul, C.cast, C.identity, C.batch_view, C.scale, C.scale_by_tensor,
+                   C.tanh, C.add_mask, C.fill_mask)
         if r is None:
             return Reject(f"unsupported score modification `{_op_name(cur)}` between Q·Kᵀ and "
                           f"softmax; the site stays as written")
+        if r.rule.startswith(("mul(tensor)", "div(tensor)")):
+            if r.sign > 0 and ctx.constant(r.other) is None and ctx.constant(r.x) is not None:
+                r = C.Reading("scale", r.rule, r.other, r.x)        # c * s with both 1-element
+            value = ctx.constant(r.other)
+            if value is None:
+                return Reject(f"scores are scaled by a tensor (`{r.other.name}`) that is not a "
+                              f"compile-time constant; not fused")
+            c = sympy.Float(float(value.reshape(())))
+            if c == 0:
+                return Reject("scores are scaled by zero")
+            r = C.Reading("scale", r.rule, r.x, c if r.sign > 0 else 1 / c)
         rules.append(r.rule)
         chain.append(cur)
         if r.op == "matmul":
-            return cur, factor, masks, chain
+            return cur, r, factor, softcap, masks, chain
         if r.op == "cast":
             src = C.meta(r.x)
             if torch.finfo(r.dtype).bits < torch.finfo(src.dtype).bits:
@@ -125,17 +197,30 @@ def _backward_chain(start: Node, rules: list[str]) -> Union[
             if masks and float(r.other) <= 0:
                 return Reject("a non-positive scale applied after a mask would flip it")
             factor = factor * r.other
+        elif r.op == "tanh":
+            if softcap:
+                return Reject("two tanh soft-caps on the scores; not fused")
+            if float(factor) <= 0:
+                return Reject("tanh soft-capping scaled by a non-positive factor; not fused")
+            softcap = float(factor)
+        elif r.op in ("add_mask", "fill_mask") and softcap:
+            return Reject("a mask applied inside the tanh soft-cap; the fused op applies masks "
+                          "after the cap, so the site stays as written")
         elif r.op == "add_mask":
             m = r.other
             if _depends_on(m, r.x):
                 return Reject("the additive term depends on the scores (not a mask or bias)")
-            if not C.meta(m).is_floating_point():
-                return Reject(f"additive mask has dtype {C.meta(m).dtype}; expected a float mask")
-            masks.append(MaskTerm("add", m, factor))
+            mm = C.meta(m)
+            if not isinstance(mm, torch.Tensor) or not mm.is_floating_point():
+                return Reject(f"additive mask has dtype {getattr(mm, 'dtype', type(mm).__name__)}; "
+                              f"expected a float mask")
+            masks.append(MaskTerm("add", m, factor * r.sign, domain=_batch(cur)))
         elif r.op == "fill_mask":
-            if C.meta(r.other).dtype != torch.bool:
-                return Reject(f"masked_fill/where mask has dtype {C.meta(r.other).dtype}; expected bool")
-            masks.append(MaskTerm("fill", r.other, factor, r.fill, r.negate))
+            mm = C.meta(r.other)
+            if not isinstance(mm, torch.Tensor) or mm.dtype != torch.bool:
+                return Reject(f"masked_fill/where mask has dtype {getattr(mm, 'dtype', None)}; "
+                              f"expected bool")
+            masks.append(MaskTerm("fill", r.other, factor, r.fill, r.negate, domain=_batch(cur)))
         cur = r.x
 
 
@@ -152,29 +237,59 @@ def _depends_on(node: Node, target: Node, limit: int = 10_000) -> bool:
     return False
 
 
-def _peel_scales(node: Node, factor: sympy.Expr, rules: list[str],
-                 dead: list[Node]) -> tuple[Node, sympy.Expr]:
+def _peel_scales(node: Node, factor: sympy.Expr, rules: list[str], dead: list[Node],
+                 ctx: Context) -> tuple[Node, sympy.Expr]:
     """``q * c`` (used only here) reads as ``q`` with ``c`` folded into the scale."""
     while True:
-        r = C.read(node, C.scale)
-        if r is None or not _single_user(node):
+        r = C.read(node, C.scale, C.scale_by_tensor)
+        if r is None or len(node.users) != 1:
             return node, factor
+        c = r.other
+        if isinstance(c, Node):
+            value = ctx.constant(c)
+            if value is None or float(value.reshape(())) == 0:
+                return node, factor
+            c = sympy.Float(float(value.reshape(())))
+            c = c if r.sign > 0 else 1 / c
         rules.append(f"{r.rule} on operand->scale")
         dead.append(node)
-        node, factor = r.x, factor * r.other
+        node, factor = r.x, factor * c
 
 
-def _is_buffer(ph: Node) -> bool:
+def _source_name(ph: Node) -> str:
     arg = ph.meta.get("grapharg")
     source = getattr(arg, "source", None)
     name = getattr(source, "name", "")
-    name = name() if callable(name) else name   # a method before torch 2.12, a property after
-    return "_buffers" in str(name) or "buffers" in ph.name
+    return str(name() if callable(name) else name)   # a method before torch 2.12, a property after
 
 
-def constant_value(node: Node, gm: GraphModule, example_inputs: Sequence[Any]) -> Optional[torch.Tensor]:
+def _is_buffer(ph: Node) -> bool:
+    return "_buffers" in _source_name(ph) or "buffers" in ph.name
+
+
+def _is_state(ph: Node) -> bool:
+    """A placeholder Dynamo lifted from module state (a parameter or buffer), not an input."""
+    return _is_buffer(ph) or "_parameters" in _source_name(ph) or "parameters" in ph.name
+
+
+def _from_inputs(node: Node, limit: int = 2000) -> bool:
+    """Whether ``node`` depends on a graph input other than module parameters and buffers."""
+    seen, stack = set(), [node]
+    while stack and len(seen) < limit:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder" and not _is_state(n):
+            return True
+        stack.extend(n.all_input_nodes)
+    return len(seen) >= limit
+
+
+def constant_value(node: Node, gm: GraphModule, example_inputs: Sequence[Any],
+                   ctx: Optional[Context] = None) -> Optional[torch.Tensor]:
     """Evaluate ``node`` if it depends only on buffers, attributes and constants (else None)."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    ctx = ctx or Context(gm, example_inputs)
     order, seen, stack = [], set(), [node]
     while stack:
         n = stack.pop()
@@ -187,12 +302,14 @@ def constant_value(node: Node, gm: GraphModule, example_inputs: Sequence[Any]) -
                 return None
         elif n.op not in ("call_function", "call_method", "get_attr"):
             return None
+        if len(seen) > 256:
+            return None
         stack.extend(n.all_input_nodes)
     env: dict[Node, Any] = {}
     try:
-        for n in sorted(order, key=lambda n: list(gm.graph.nodes).index(n)):
+        for n in sorted(order, key=ctx.order.__getitem__):
             if n.op == "placeholder":
-                val = example_inputs[placeholders.index(n)]
+                val = example_inputs[ctx.placeholders.index(n)]
                 if not isinstance(val, torch.Tensor) or val.numel() > _MAX_CONST_EVAL_NUMEL:
                     return None
                 env[n] = val
@@ -201,10 +318,11 @@ def constant_value(node: Node, gm: GraphModule, example_inputs: Sequence[Any]) -
             else:
                 args = torch.fx.node.map_arg(n.args, lambda a: env[a])
                 kwargs = torch.fx.node.map_arg(n.kwargs, lambda a: env[a])
-                if n.op == "call_method":
-                    env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
-                else:
-                    env[n] = n.target(*args, **kwargs)
+                with torch.no_grad():
+                    if n.op == "call_method":
+                        env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+                    else:
+                        env[n] = n.target(*args, **kwargs)
     except Exception:  # evaluation is best effort: unknown means "not a constant"
         return None
     out = env.get(node)
@@ -227,6 +345,10 @@ def causal_kind(keep: torch.Tensor, nq: int, nk: int) -> Optional[str]:
     return None
 
 
+def _sym(x: Union[int, float]) -> sympy.Expr:
+    return sympy.Float(x) if isinstance(x, float) else sympy.Integer(x)
+
+
 def _static(*xs: Any) -> bool:
     return all(isinstance(x, int) for x in xs)
 
@@ -237,8 +359,104 @@ def _same_dims(a: Sequence[Any], b: Sequence[Any]) -> bool:
     return all(x is y or (_static(x, y) and x == y) or str(x) == str(y) for x, y in zip(a, b))
 
 
-def match_softmax(sm: Node, gm: GraphModule, example_inputs: Sequence[Any]) -> Union[Match, Reject]:
+# -- domains: the scores' batch dims as the softmax sees them, and the op's [B, H] -----------------
+
+def _to_op(smb: tuple) -> tuple[Step, ...]:
+    """Views taking a tensor in the softmax's batch domain into the op's 4-D [B, H, ...] domain."""
+    r = len(smb)
+    if r == 2:
+        return ()
+    if r < 2:
+        return (("unsqueeze", (0,)),) * (2 - r)
+    return (("flatten", (0, r - 2)),)
+
+
+def _from_op(smb: tuple) -> Union[tuple[Step, ...], Reject]:
+    r = len(smb)
+    if r == 2:
+        return ()
+    if r < 2:
+        return (("squeeze", (0,)),) * (2 - r)
+    lead = _sizes(smb[:-1])
+    if lead is None:
+        return Reject("scores with more than 4 dims and dynamic leading sizes; not fused")
+    return (("unflatten", (0, lead)),)
+
+
+def _sizes(dims: Sequence[Any]) -> Optional[tuple]:
+    """Static sizes for view ops, with at most one dynamic size written as -1."""
+    out = tuple(d if isinstance(d, int) else -1 for d in dims)
+    return out if out.count(-1) <= 1 else None
+
+
+def _rebatch(src: tuple, dst: tuple) -> Union[tuple[Step, ...], Reject]:
+    """Views from batch dims ``src`` to ``dst`` (same number of elements), last two dims kept."""
+    if _same_dims(src, dst):
+        return ()
+    steps: list[Step] = []
+    if len(src) == 0:
+        steps.append(("unsqueeze", (0,)))
+    elif len(src) > 1:
+        steps.append(("flatten", (0, len(src) - 1)))
+    if len(dst) == 0:
+        steps.append(("squeeze", (0,)))
+    elif len(dst) > 1:
+        sizes = _sizes(dst)
+        if sizes is None:
+            return Reject(f"the scores' batch dims are reshaped {src} -> {dst} with more than one "
+                          f"dynamic size; not fused")
+        steps.append(("unflatten", (0, sizes)))
+    return tuple(steps)
+
+
+def _mask_ops(term: MaskTerm, smb: tuple) -> Union[tuple[Step, ...], Reject]:
+    """Views that make a mask applied in ``term.domain`` broadcast in the op's domain."""
+    m = C.meta(term.node)
+    rank = len(term.domain) + 2
+    if m.dim() > rank:
+        return Reject(f"mask of {m.dim()} dims on {rank}-D scores; not fused")
+    lead = (1,) * (rank - m.dim()) + tuple(m.shape[:-2]) if m.dim() >= 2 else (1,) * (rank - 2)
+    if all(isinstance(d, int) and d == 1 for d in lead):
+        # Broadcast over every batch dim: only its rank may need trimming for the op's 4 dims.
+        return (("flatten", (0, m.dim() - 4)),) if m.dim() > 4 else ()
+    if _same_dims(term.domain, smb) and len(smb) <= 2:
+        return ()
+    if not _static(*term.domain) or m.dim() < 2:
+        return Reject("a mask on reshaped scores with dynamic batch dims; not fused")
+    full = tuple(term.domain) + (-1, -1)
+    pad = (("reshape", ((1,) * (rank - m.dim()) + tuple(m.shape),)),) if m.dim() < rank else ()
+    rebatch = _rebatch(term.domain, smb)
+    if isinstance(rebatch, Reject):
+        return rebatch
+    return pad + (("expand", full),) + rebatch + _to_op(smb)
+
+
+def _operand_view(node: Node, perm: Optional[tuple]) -> Operand:
+    return Operand(node, (("permute", perm),) if perm is not None else ())
+
+
+def _swap_last2(perm: tuple) -> tuple:
+    return perm[:-2] + (perm[-1], perm[-2])
+
+
+def _fold_repeats(k: Operand, v: Operand, rules: list[str]) -> tuple[Operand, Operand, int]:
+    """repeat_kv / repeat_interleave / expand on K and V (same groups) read as GQA by index."""
+    rk, rv = C.read(k.node, C.repeat_heads), C.read(v.node, C.repeat_heads)
+    keeps_heads = all(name == "permute" and args[:2] == (0, 1) or name == "transpose"
+                      and set(args) == {-2, -1} or name == "transpose" and set(args) == {2, 3}
+                      for name, args in k.ops + v.ops)
+    if rk is None or rv is None or rk.other != rv.other or not keeps_heads:
+        return k, v, 1
+    if C.meta(rk.x).shape[1] != C.meta(rv.x).shape[1]:
+        return k, v, 1
+    rules.append(f"{rk.rule} on K and V")
+    return Operand(rk.x, k.ops), Operand(rv.x, v.ops), int(rk.other)
+
+
+def match_softmax(sm: Node, gm: GraphModule, example_inputs: Sequence[Any],
+                  ctx: Optional[Context] = None) -> Union[Match, Reject]:
     """Match the attention site anchored on softmax node ``sm``."""
+    ctx = ctx or Context(gm, example_inputs)
     rules: list[str] = []
     r = C.read(sm, C.softmax)
     if r is None:
@@ -247,60 +465,120 @@ def match_softmax(sm: Node, gm: GraphModule, example_inputs: Sequence[Any]) -> U
     n = C.ndim(sm)
     if n is None:
         return Reject("softmax input has no recorded shape")
-    if r.dim is None or (r.dim % n if isinstance(r.dim, int) else None) != n - 1:
+    if r.dim is None or not isinstance(r.dim, int) or r.dim % max(n, 1) != n - 1:
         return Reject(f"softmax over dim {r.dim} of a {n}-D tensor, not the key axis (-1)")
-    if n not in (3, 4):
-        return Reject(f"{n}-D attention scores; fused attention takes [B, H, N, N] or [B·H, N, N]")
+    if n < 2:
+        return Reject(f"{n}-D scores; attention needs a query and a key axis")
     fwd = _forward_chain(sm, rules)
     if isinstance(fwd, Reject):
         return fwd
-    pv, after = fwd
-    back = _backward_chain(r.x, rules)
+    pv, pv_read, after = fwd
+    meta_users: list[Node] = []
+    back = _backward_chain(r.x, rules, ctx, meta_users)
     if isinstance(back, Reject):
         return back
-    qk, factor, masks, before = back
-    dead = [pv, *reversed(after), sm, *before]
-    mm = C.read(qk, C.matmul)
-    q, factor = _peel_scales(mm.x, factor, rules, dead)
-    kt, factor = _peel_scales(mm.other, factor, rules, dead)
-    t = C.read(kt, C.transpose_last2)
-    if t is not None and _single_user(kt):
-        rules.append(t.rule)
-        dead.append(kt)
-        k, k_transposed = t.x, True
-        k, factor = _peel_scales(k, factor, rules, dead)
+    qk, mm, factor, softcap, masks, before = back
+    if any(u not in after for u in meta_users):
+        return Reject("the scores' dtype is read outside the attention site (type_as); not fused")
+    if mm.out_perm is not None:
+        return Reject(f"{mm.rule} writes the scores with the key axis not last; not fused")
+    if mm.bias is not None or mm.dim is not None:    # baddbmm: alpha·(a @ b) + beta·bias
+        if mm.dim == 0:
+            return Reject("baddbmm with alpha=0 ignores Q·Kᵀ; not attention")
+        if mm.bias is not None:
+            bm = C.meta(mm.bias)
+            if not isinstance(bm, torch.Tensor) or not bm.is_floating_point():
+                return Reject("baddbmm's bias is not a float tensor; not fused")
+            masks.append(MaskTerm("add", mm.bias, factor * _sym(mm.dtype), domain=_batch(qk)))
+        factor = factor * _sym(mm.dim)
+    dead = [pv, *reversed(after), sm, *([r.bias] if r.bias is not None else []), *before]
+    q_node, factor = _peel_scales(mm.x, factor, rules, dead, ctx)
+    kt_node, factor = _peel_scales(mm.other, factor, rules, dead, ctx)
+    q = _operand_view(q_node, mm.perm_a)
+    if mm.perm_b is not None:
+        k = Operand(kt_node, (("permute", _swap_last2(mm.perm_b)),))
     else:
-        k, k_transposed = kt, False
-        rules.append("K from untransposed operand (kt.mT)")
-    v = pv.args[1]
-    qm, ktm, vm, outm = C.meta(q), C.meta(kt), C.meta(v), C.meta(pv)
-    if not all(isinstance(t, torch.Tensor) for t in (qm, ktm, vm, outm)):
+        t = C.read(kt_node, C.transpose_last2)
+        if t is not None and len(kt_node.users) == 1:
+            rules.append(t.rule)
+            dead.append(kt_node)
+            k_node, factor = _peel_scales(t.x, factor, rules, dead, ctx)
+            k = Operand(k_node)
+        else:
+            k = Operand(kt_node, (("transpose", (-2, -1)),))
+            rules.append("K from untransposed operand (kt.mT)")
+    v = _operand_view(pv_read.other, pv_read.perm_b)
+    return _finish(sm, r, pv, pv_read, qk, q, k, v, factor, softcap, masks, dead, rules, ctx)
+
+
+def _view_meta(op: Operand) -> Any:
+    x = C.meta(op.node)
+    for name, args in op.ops:
+        x = getattr(x, name)(*args)
+    return x
+
+
+def _finish(sm: Node, r: C.Reading, pv: Node, pv_read: C.Reading, qk: Node, q: Operand, k: Operand,
+            v: Operand, factor: sympy.Expr, softcap: float, masks: list[MaskTerm], dead: list[Node],
+            rules: list[str], ctx: Context) -> Union[Match, Reject]:
+    if not _from_inputs(k.node):
+        return Reject(f"the keys (`{k.node.name}`) are module weights, not activations: a gate or "
+                      f"classifier softmax(x·W)·E, not attention; left alone")
+    try:
+        qm, km, vm = _view_meta(q), _view_meta(k), _view_meta(v)
+    except Exception as e:  # a permutation or view that does not apply: not the layout we read
+        return Reject(f"operands do not have the layout the product implies ({e}); not fused")
+    outm, scores = C.meta(pv), C.meta(r.x)
+    if not all(isinstance(t, torch.Tensor) for t in (qm, km, vm, outm, scores)):
         return Reject("operands have no recorded tensor metadata")
-    if not (qm.dim() == ktm.dim() == vm.dim() == n):
-        return Reject(f"operand ranks differ: q {qm.dim()}-D, k {ktm.dim()}-D, v {vm.dim()}-D "
-                      f"(broadcasting matmul); not fused")
-    if not (_same_dims(qm.shape[:-2], ktm.shape[:-2]) and _same_dims(qm.shape[:-2], vm.shape[:-2])):
-        return Reject(f"batch/head dims differ: q {tuple(qm.shape)}, kᵀ {tuple(ktm.shape)}, "
+    n = scores.dim()
+    if not (qm.dim() == km.dim() and vm.dim() >= 2):
+        return Reject(f"operand ranks differ: q {qm.dim()}-D, k {km.dim()}-D (broadcasting "
+                      f"matmul); not fused")
+    qk_b, smb = tuple(C.meta(qk).shape[:-2]), tuple(scores.shape[:-2])
+    pv_canon = tuple(outm.shape) if pv_read.out_perm is None else tuple(
+        outm.shape[pv_read.out_perm.index(i)] for i in range(outm.dim()))
+    pv_b = pv_canon[:-2]
+    if not (_same_dims(qm.shape[:-2], qk_b) and _same_dims(km.shape[:-2], qk_b)
+            and _same_dims(vm.shape[:-2], pv_b)):
+        return Reject(f"batch/head dims differ: q {tuple(qm.shape)}, k {tuple(km.shape)}, "
                       f"v {tuple(vm.shape)} (broadcast K/V); not fused")
-    if not (qm.dtype == ktm.dtype == vm.dtype == outm.dtype):
-        return Reject(f"dtypes differ: q {qm.dtype}, k {ktm.dtype}, v {vm.dtype}, output "
+    if not (qm.dtype == km.dtype == vm.dtype == outm.dtype):
+        return Reject(f"dtypes differ: q {qm.dtype}, k {km.dtype}, v {vm.dtype}, output "
                       f"{outm.dtype}; the fused op needs one dtype")
     if qm.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         return Reject(f"dtype {qm.dtype} is not a floating type")
-    nq, nk = qm.shape[-2], ktm.shape[-1]
+    groups = 1
+    if _same_dims(qk_b, smb) and _same_dims(pv_b, smb) and len(smb) == 2:
+        k, v, groups = _fold_repeats(k, v, rules)
+    to_op = _to_op(smb)
+    parts = [_rebatch(qk_b, smb), _rebatch(pv_b, smb), _from_op(smb), _rebatch(smb, pv_b)]
+    for p in parts:
+        if isinstance(p, Reject):
+            return p
+    qk_in, pv_in, op_out, sm_to_pv = parts
+    if qk_in or pv_in:
+        rules.append(f"batch dims {qk_b} -> {smb} -> {pv_b} (views)")
+    q, k = q.then(*qk_in, *to_op), k.then(*qk_in, *to_op)
+    v = v.then(*pv_in, *to_op)
+    out_ops = op_out + sm_to_pv + ((("permute", pv_read.out_perm),) if pv_read.out_perm else ())
+    nq, nk = qm.shape[-2], km.shape[-2]
     causal, kept = "none", []
     for term in masks:
-        if term.kind == "fill" and causal == "none" and _static(nq, nk):
-            value = constant_value(term.node, gm, example_inputs)
-            if value is not None:
-                keep = ~value if term.negate else value
-                kind = causal_kind(keep, nq, nk)
-                # A finite fill keeps eager semantics only if no row is fully masked.
-                safe = math.isinf(term.fill) or kind == "top_left" or nq <= nk
-                if kind is not None and safe:
-                    rules.append(f"constant bool mask->causal({kind})")
-                    causal = kind
-                    continue
+        if term.kind == "add" and _is_zero(term, ctx):
+            rules.append("all-zero additive term dropped")
+            continue
+        if causal == "none" and _static(nq, nk):
+            kind = _constant_causal(term, nq, nk, ctx)
+            if kind is not None:
+                rules.append(f"constant {'bool' if term.kind == 'fill' else 'additive'} "
+                             f"mask->causal({kind})")
+                causal = kind
+                continue
+        ops = _mask_ops(term, smb)
+        if isinstance(ops, Reject):
+            return ops
+        term.ops = ops
         kept.append(term)
     fills = {t.fill * float(t.factor) for t in kept if t.kind == "fill"}
     if len(fills) > 1 and any(math.isfinite(f) for f in fills):
@@ -308,27 +586,56 @@ def match_softmax(sm: Node, gm: GraphModule, example_inputs: Sequence[Any]) -> U
     if fills and any(math.isfinite(f) for f in fills) and any(t.kind == "add" for t in kept):
         return Reject("a finite masked_fill combined with an additive mask: fusing would change "
                       "fully masked rows")
-    return Match(sm, pv, q, k, v, k_transposed, factor, kept, causal, dead, rules)
+    if any(t.kind == "fill" for t in kept) and any(float(t.factor) <= 0 for t in kept if t.kind == "fill"):
+        return Reject("a masked_fill followed by a non-positive scale; not fused")
+    return Match(sm, pv, q, k, v, factor, kept, causal, dead, rules, softcap, out_ops, groups)
 
 
-def spec_of(m: Match, mask_meta: Optional[torch.Tensor], location: str,
+def _is_zero(term: MaskTerm, ctx: Context) -> bool:
+    """A constant additive term that is all zeros (``baddbmm(torch.zeros(...), q, kᵀ)``)."""
+    value = ctx.constant(term.node)
+    return value is not None and not bool(value.any())
+
+
+def _constant_causal(term: MaskTerm, nq: int, nk: int, ctx: Context) -> Optional[str]:
+    """The causal alignment a constant mask spells, when it is exactly one (else None).
+
+    Bool masks: keep/drop pattern. Additive masks: only 0 / -inf entries (a finite "large negative"
+    stays an additive mask, so rows it fully masks keep eager's semantics).
+    """
+    value = ctx.constant(term.node)
+    if value is None:
+        return None
+    if term.kind == "fill":
+        keep = ~value if term.negate else value
+        kind = causal_kind(keep, nq, nk)
+        # A finite fill keeps eager semantics only if no row is fully masked.
+        safe = math.isinf(term.fill) or kind == "top_left" or nq <= nk
+        return kind if safe else None
+    if not value.is_floating_point() or float(term.factor) <= 0:
+        return None
+    zero, ninf = value == 0, torch.isneginf(value)
+    if not bool((zero | ninf).all()):
+        return None
+    return causal_kind(zero, nq, nk)
+
+
+def spec_of(m: Match, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            mask: Optional[torch.Tensor], fill: float, location: str,
             module_path: str) -> AttentionSpec:
-    """The typed record the kernel choice reads."""
-    qm, vm = C.meta(m.q), C.meta(m.v)
-    km = C.meta(m.k) if m.k_transposed else C.meta(m.k).transpose(-2, -1)
+    """The typed record the kernel choice reads (``q, k, v, mask``: the op's operand metadata)."""
     sdt = C.read(m.softmax, C.softmax).dtype
-    kind, fill, info = "none", float("-inf"), None
-    if mask_meta is not None:
-        kind = "bool" if mask_meta.dtype == torch.bool else "additive"
-        info = TensorInfo.of(mask_meta)
-        fills = [t.fill * float(t.factor) for t in m.masks if t.kind == "fill"]
-        fill = fills[0] if fills and kind == "bool" else float("-inf")
-    mask_rg = bool(mask_meta is not None and getattr(mask_meta, "requires_grad", False))
-    rg = any(getattr(t, "requires_grad", False) for t in (qm, km, vm)) or mask_rg
+    kind, info = "none", None
+    if mask is not None:
+        kind = "bool" if mask.dtype == torch.bool else "additive"
+        info = TensorInfo.of(mask)
+    mask_rg = bool(mask is not None and getattr(mask, "requires_grad", False))
+    rg = any(getattr(t, "requires_grad", False) for t in (q, k, v)) or mask_rg
     return AttentionSpec(
-        q=TensorInfo.of(qm), k=TensorInfo.of(km), v=TensorInfo.of(vm),
+        q=TensorInfo.of(q), k=TensorInfo.of(k), v=TensorInfo.of(v),
         scale=float(m.scale), scale_expr=_fmt(m.scale),
-        mask=MaskSpec(m.causal, kind, info, fill, mask_rg),
+        mask=MaskSpec(m.causal, kind, info, fill if kind == "bool" else float("-inf"), mask_rg),
+        gqa_groups=m.gqa_groups, softcap=m.softcap,
         softmax_dtype=sdt, requires_grad=rg, source="eager_softmax",
         location=location, module_path=module_path, rules=tuple(m.rules))
 
@@ -360,5 +667,5 @@ def module_path(node: Node) -> str:
     return str(path).replace("L['self'].", "").replace("L['self']", "model")
 
 
-__all__ = ["Match", "MaskTerm", "match_softmax", "spec_of", "softmax_nodes", "source_location",
+__all__ = ["Context", "Match", "MaskTerm", "Operand", "match_softmax", "spec_of", "softmax_nodes", "source_location",
            "module_path", "constant_value", "causal_kind"]

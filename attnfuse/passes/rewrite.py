@@ -5,6 +5,7 @@ every other user of q, k, v and the masks is left intact.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 from typing import Any, Callable, Optional
@@ -13,7 +14,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from . import canonicalize as C
-from .match import Match
+from .match import Match, Operand
 
 def _fake_mode(nodes: list[Node]) -> Any:
     for n in nodes:
@@ -47,6 +48,9 @@ class _Builder:
     def __init__(self, graph: Graph, anchor: Node, mode: Any, note: str) -> None:
         self.graph, self.anchor, self.mode, self.note = graph, anchor, mode, note
 
+    def leaf(self, node: Node) -> Node:
+        return node
+
     def __call__(self, op: str, target: Any, *args: Any, **kwargs: Any) -> Node:
         with self.graph.inserting_before(self.anchor):
             node = self.graph.create_node(op, target, args, kwargs)
@@ -61,19 +65,46 @@ class _Builder:
         return self("call_function", target, *args, **kwargs)
 
 
-def build_mask(b: _Builder, m: Match) -> tuple[Optional[Node], float]:
-    """One dense mask for the op: additive terms summed, bool terms ANDed; and the fill value."""
+class _MetaBuilder(_Builder):
+    """The same construction evaluated on the graph's fake tensors: operand metadata, no nodes."""
+
+    def __init__(self, mode: Any) -> None:
+        self.mode = mode
+
+    def leaf(self, node: Node) -> Any:
+        return C.meta(node)
+
+    def __call__(self, op: str, target: Any, *args: Any, **kwargs: Any) -> Any:
+        ctx = self.mode if self.mode is not None else contextlib.nullcontext()
+        with ctx:
+            if op == "call_method":
+                return getattr(args[0], target)(*args[1:], **kwargs)
+            return target(*args, **kwargs)
+
+
+def build_operand(b: _Builder, op: Operand) -> Any:
+    x = b.leaf(op.node)
+    for name, args in op.ops:
+        x = b("call_method", name, x, *args)
+    return x
+
+
+def build_mask(b: _Builder, m: Match) -> tuple[Optional[Any], float]:
+    """One mask for the op: additive terms summed, bool terms ANDed; and the fill value."""
     adds, keeps, fill = [], [], float("-inf")
     for t in m.masks:
         factor = float(t.factor)
         if t.kind == "add":
-            adds.append(t.node if factor == 1.0 else b.fn(operator.mul, t.node, factor))
+            node = build_operand(b, Operand(t.node, t.ops))
+            adds.append(node if factor == 1.0 else b.fn(operator.mul, node, factor))
         else:
             inner = C.negation_of(t.node) if t.negate else None
-            if t.negate:
-                keeps.append(inner if inner is not None else b.fn(torch.logical_not, t.node))
+            if inner is not None:
+                keeps.append(build_operand(b, Operand(inner, t.ops)))
+            elif t.negate:
+                keeps.append(b.fn(torch.logical_not, build_operand(b, Operand(t.node, t.ops))))
             else:
-                keeps.append(t.node)
+                keeps.append(build_operand(b, Operand(t.node, t.ops)))
             fill = t.fill * factor
     keep = None
     for k in keeps:
@@ -87,6 +118,17 @@ def build_mask(b: _Builder, m: Match) -> tuple[Optional[Node], float]:
     for a in adds:
         total = a if total is None else b.fn(operator.add, total, a)
     return total, float("-inf")
+
+
+def operands(b: _Builder, m: Match) -> tuple[Any, Any, Any, Optional[Any], float]:
+    """``(q, k, v, mask, fill)`` as the op takes them, as nodes or as fake tensors."""
+    q, k, v = (build_operand(b, x) for x in (m.q, m.k, m.v))
+    mask, fill = build_mask(b, m)
+    return q, k, v, mask, fill
+
+
+def operand_metas(m: Match) -> tuple[Any, Any, Any, Optional[Any], float]:
+    return operands(_MetaBuilder(_fake_mode([m.q.node, m.k.node, m.v.node, m.pv])), m)
 
 
 def erase_dead(graph: Graph, nodes: list[Node]) -> None:
@@ -112,19 +154,14 @@ def erase_dead(graph: Graph, nodes: list[Node]) -> None:
 def rewrite_site(gm: GraphModule, m: Match, kernel: str, note: str) -> Node:
     """Replace P·V of ``m`` with the fused op; returns the new output node."""
     graph = gm.graph
-    mode = _fake_mode([m.q, m.k, m.v, m.pv])
+    mode = _fake_mode([m.q.node, m.k.node, m.v.node, m.pv])
     b = _Builder(graph, m.pv, mode, note)
-    k = m.k if m.k_transposed else b("call_method", "transpose", m.k, -2, -1)
-    mask, fill = build_mask(b, m)
-    q, v = m.q, m.v
-    three_d = C.ndim(m.pv) == 3
-    if three_d:
-        q, k, v = (b("call_method", "unsqueeze", x, 0) for x in (q, k, v))
+    q, k, v, mask, fill = operands(b, m)
     fused = b.fn(torch.ops.attnfuse.attention.default, q, k, v, mask, float(m.scale), m.causal,
-                 fill, kernel)
+                 fill, kernel, float(m.softcap))
     out = b.fn(operator.getitem, fused, 0)
-    if three_d:
-        out = b("call_method", "squeeze", out, 0)
+    for name, args in m.out_ops:
+        out = b("call_method", name, out, *args)
     m.pv.replace_all_uses_with(out)
     erase_dead(graph, m.dead)
     return out
@@ -135,7 +172,7 @@ def rewrite_sdpa(gm: GraphModule, node: Node, q: Any, k: Any, v: Any, mask: Any,
     """Replace an SDPA call with the fused op (same operands; GQA and masks carry over)."""
     b = _Builder(gm.graph, node, _fake_mode([node]), note)
     fused = b.fn(torch.ops.attnfuse.attention.default, q, k, v, mask, scale, causal,
-                 float("-inf"), kernel)
+                 float("-inf"), kernel, 0.0)
     out = b.fn(operator.getitem, fused, 0)
     node.replace_all_uses_with(out)
     erase_dead(gm.graph, [node])
