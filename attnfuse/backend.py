@@ -117,7 +117,10 @@ def _sdpa_site(gm: GraphModule, node: Node, opts: Options, gi: int) -> Site:
     if not isinstance(a["is_causal"], bool) or not all(isinstance(x, torch.Tensor) for x in (qm, km, vm)):
         return Site(0, gi, "sdpa", "sdpa", "is_causal or operand shapes are not static: kept",
                     location=loc, module_path=mod)
-    if qm.dim() != 4 or km.dim() != 4 or (qm.shape[1] != km.shape[1] and not a["enable_gqa"]):
+    mqa = (qm.dim() == km.dim() == 4 and km.shape[1] == 1 and C.meta(v).shape[1] == 1
+           and isinstance(qm.shape[1], int))    # one K/V head, broadcast by SDPA's matmuls
+    if qm.dim() != 4 or km.dim() != 4 or (qm.shape[1] != km.shape[1] and not a["enable_gqa"]
+                                          and not mqa):
         return Site(0, gi, "sdpa", "sdpa", f"{qm.dim()}-D operands or mismatched heads: kept",
                     location=loc, module_path=mod)
     d = qm.shape[-1]

@@ -369,6 +369,12 @@ _HF: dict[str, tuple] = {
               dict(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=2, hidden_dropout=0.0,
                    attention_dropout=0.0, use_cache=False),
               "text", _last_hidden, "ALiBi"),
+    "falcon-alibi": ("FalconConfig", "FalconModel",
+                     dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, alibi=True, multi_query=True,
+                          new_decoder_architecture=False, parallel_attn=True, bias=False,
+                          hidden_dropout=0.0, attention_dropout=0.0, use_cache=False),
+                     "text", _last_hidden, "ALiBi added before the scale, multi-query K/V"),
 }
 
 
@@ -409,6 +415,9 @@ _TIMM = {
             dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=100)),
     "deit": ("deit_tiny_distilled_patch16_224",
              dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=100)),
+    "beit": ("beit_base_patch16_224",
+             dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=100,
+                  use_rel_pos_bias=True)),
     "swin": ("swin_tiny_patch4_window7_224",
              dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2),
                   num_heads=(2, 4), num_classes=100)),

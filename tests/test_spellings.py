@@ -323,3 +323,20 @@ def test_mask_inside_tanh_is_left_alone() -> None:
     fn = lambda s, q, k, v, m: torch.softmax(torch.tanh((q @ k.mT + m) / 5.0) * 5.0, -1) @ v
     r = check_rewrite(Fn(fn), (*qkv(), torch.randn(N, N)), fused=0, kept=1)
     assert "inside the tanh" in r.sites[0].reason
+
+
+def test_mqa_by_matmul_broadcast() -> None:
+    """Falcon: K and V keep one head and the matmuls broadcast it over the query heads."""
+    q = torch.randn(B, 4, N, D)
+    k, v = torch.randn(B, 1, N, D), torch.randn(B, 1, N, D)
+    fn = lambda s, q, k, v: torch.softmax(q @ k.transpose(-1, -2) * 0.3, -1) @ v
+    r = check_rewrite(Fn(fn), (q, k, v), fused=1)
+    assert r.sites[0].spec.gqa_groups == 4
+
+
+def test_sdpa_broadcast_single_kv_head_forced() -> None:
+    q = torch.randn(B, 4, N, D)
+    k, v = torch.randn(B, 1, N, D), torch.randn(B, 1, N, D)
+    fn = lambda s, q, k, v: F.scaled_dot_product_attention(q, k, v)
+    r = check_rewrite(Fn(fn), (q, k, v), fused=1, kernel="reference")
+    assert r.sites[0].kernel == "reference" and r.sites[0].spec.gqa_groups == 4

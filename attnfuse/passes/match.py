@@ -439,6 +439,16 @@ def _swap_last2(perm: tuple) -> tuple:
     return perm[:-2] + (perm[-1], perm[-2])
 
 
+def _broadcast_heads(qm: Any, km: Any, vm: Any, qk_b: tuple, pv_b: tuple, smb: tuple) -> bool:
+    """K and V of one head that the matmuls broadcast over the query heads (Falcon's MQA)."""
+    if not (len(smb) == 2 and _same_dims(qk_b, smb) and _same_dims(pv_b, smb)
+            and km.dim() == vm.dim() == qm.dim() == 4 and _same_dims(qm.shape[:-2], smb)):
+        return False
+    one = lambda t: isinstance(t.shape[1], int) and t.shape[1] == 1  # noqa: E731
+    return (one(km) and one(vm) and isinstance(qm.shape[1], int) and qm.shape[1] > 1
+            and _same_dims(km.shape[:1], smb[:1]) and _same_dims(vm.shape[:1], smb[:1]))
+
+
 def _fold_repeats(k: Operand, v: Operand, rules: list[str]) -> tuple[Operand, Operand, int]:
     """repeat_kv / repeat_interleave / expand on K and V (same groups) read as GQA by index."""
     rk, rv = C.read(k.node, C.repeat_heads), C.read(v.node, C.repeat_heads)
@@ -539,8 +549,11 @@ def _finish(sm: Node, r: C.Reading, pv: Node, pv_read: C.Reading, qk: Node, q: O
     pv_canon = tuple(outm.shape) if pv_read.out_perm is None else tuple(
         outm.shape[pv_read.out_perm.index(i)] for i in range(outm.dim()))
     pv_b = pv_canon[:-2]
-    if not (_same_dims(qm.shape[:-2], qk_b) and _same_dims(km.shape[:-2], qk_b)
-            and _same_dims(vm.shape[:-2], pv_b)):
+    broadcast_kv = _broadcast_heads(qm, km, vm, qk_b, pv_b, smb)
+    if broadcast_kv:
+        rules.append(f"K/V with one head broadcast over {qm.shape[1]} query heads->MQA")
+    elif not (_same_dims(qm.shape[:-2], qk_b) and _same_dims(km.shape[:-2], qk_b)
+              and _same_dims(vm.shape[:-2], pv_b)):
         return Reject(f"batch/head dims differ: q {tuple(qm.shape)}, k {tuple(km.shape)}, "
                       f"v {tuple(vm.shape)} (broadcast K/V); not fused")
     if not (qm.dtype == km.dtype == vm.dtype == outm.dtype):
@@ -548,8 +561,8 @@ def _finish(sm: Node, r: C.Reading, pv: Node, pv_read: C.Reading, qk: Node, q: O
                       f"{outm.dtype}; the fused op needs one dtype")
     if qm.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         return Reject(f"dtype {qm.dtype} is not a floating type")
-    groups = 1
-    if _same_dims(qk_b, smb) and _same_dims(pv_b, smb) and len(smb) == 2:
+    groups = qm.shape[1] if broadcast_kv else 1
+    if not broadcast_kv and _same_dims(qk_b, smb) and _same_dims(pv_b, smb) and len(smb) == 2:
         k, v, groups = _fold_repeats(k, v, rules)
     to_op = _to_op(smb)
     parts = [_rebatch(qk_b, smb), _rebatch(pv_b, smb), _from_op(smb), _rebatch(smb, pv_b)]
