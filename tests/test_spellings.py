@@ -340,3 +340,13 @@ def test_sdpa_broadcast_single_kv_head_forced() -> None:
     fn = lambda s, q, k, v: F.scaled_dot_product_attention(q, k, v)
     r = check_rewrite(Fn(fn), (q, k, v), fused=1, kernel="reference")
     assert r.sites[0].kernel == "reference" and r.sites[0].spec.gqa_groups == 4
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_additive_mask_dtypes(mask_dtype: torch.dtype) -> None:
+    """A low-precision bias on fp32 scores: type promotion keeps the scores fp32; so does the op."""
+    m = torch.randn(B, 1, N, N).to(mask_dtype)
+    fn = lambda s, q, k, v, m: torch.softmax(q @ k.mT * 0.3 + m, -1) @ v
+    q, k, v = qkv()
+    r = check_rewrite(Fn(fn), (q, k, v, m), fused=1)       # the bias' gradient included
+    assert r.sites[0].spec.mask.tensor.dtype == mask_dtype
