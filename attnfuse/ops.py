@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .kernels import registry
+from .kernels.reference import check_softcap
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -32,9 +33,7 @@ def _run_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale:
     if kernel not in ("auto", name):
         reasons = registry.rejections(kernel, q, k, v, as_4d(mask), causal)
         raise ValueError(f"kernel={kernel!r} cannot run these inputs: {'; '.join(reasons)}")
-    fwd = registry.get(name).forward
-    out, lse = (fwd(q, k, v, as_4d(mask), scale, causal, mask_fill, softcap=softcap) if softcap
-                else fwd(q, k, v, as_4d(mask), scale, causal, mask_fill))
+    out, lse = registry.get(name).forward(q, k, v, as_4d(mask), scale, causal, mask_fill, softcap)
     return out.contiguous(), lse.to(torch.float32).contiguous()
 
 
@@ -61,9 +60,8 @@ def attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: O
                           softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     m4 = as_4d(mask)
     name, _ = registry.select(q, k, v, m4, causal, prefer=kernel)
-    args = (dout.contiguous(), q, k, v, m4, out, lse, scale, causal, mask_fill, mask_grad)
-    bwd = registry.get(name).backward
-    dq, dk, dv, dm = bwd(*args, softcap=softcap) if softcap else bwd(*args)
+    dq, dk, dv, dm = registry.get(name).backward(
+        dout.contiguous(), q, k, v, m4, out, lse, scale, causal, mask_fill, mask_grad, softcap)
     dm = dm.reshape(mask.shape) if dm is not None else q.new_empty((0,))
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dm.contiguous()
 
@@ -167,14 +165,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     to attend give 0.
     """
     validate(q, k, v, attn_mask, enable_gqa)
-    _check(isinstance(softcap, (int, float)) and not isinstance(softcap, bool) and softcap >= 0
-           and math.isfinite(softcap),
-           f"softcap must be a finite float >= 0 (0 disables it), got {softcap!r}", TypeError
-           if not isinstance(softcap, (int, float)) else ValueError)
+    _check(isinstance(softcap, (int, float)) and not isinstance(softcap, bool),
+           f"softcap must be a float (0 disables it), got {type(softcap).__name__}", TypeError)
+    softcap = check_softcap(softcap)
     if kernel not in registry.kernel_names():
         raise ValueError(f"unknown kernel {kernel!r}: expected one of {registry.kernel_names()}")
     causal = _causal(is_causal)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, _ = torch.ops.attnfuse.attention(q, k, v, attn_mask, scale, causal, float("-inf"), kernel,
-                                          float(softcap))
+                                          softcap)
     return out

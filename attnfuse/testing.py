@@ -6,7 +6,9 @@ Tolerances therefore come from data, never from hand-picked constants.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -69,3 +71,25 @@ def assert_error_ratio(name: str, out: torch.Tensor, ref: torch.Tensor, lowp: to
     r = error_ratio(name, out, ref, lowp, magnitude_floor=magnitude_floor)
     if not r.ok:
         raise AssertionError(str(r))
+
+
+def gradient_error_ratio(got: torch.Tensor, want: torch.Tensor, ref: torch.Tensor,
+                         wrt: Sequence[torch.Tensor], ref_wrt: Sequence[torch.Tensor],
+                         cotangent: torch.Tensor) -> ErrorRatio:
+    """The rule for a whole model's gradients: the gradients of ``got`` (the rewritten model),
+    ``want`` (eager) and ``ref`` (an fp64 copy) w.r.t. ``wrt`` / ``ref_wrt`` under one cotangent,
+    judged as one concatenated vector with the magnitude floor.
+
+    As one vector, a tensor whose true gradient is 0 (a key bias, to which softmax is invariant)
+    is measured against the gradient's own scale. A gradient where eager has none must be zero.
+    """
+    g_want = torch.autograd.grad(want, wrt, cotangent, allow_unused=True, retain_graph=True)
+    g_got = torch.autograd.grad(got, wrt, cotangent, allow_unused=True)
+    g_ref = torch.autograd.grad(ref, ref_wrt, cotangent.to(ref.dtype), allow_unused=True)
+    for a, b in zip(g_got, g_want):
+        if b is None and a is not None and a.any():
+            return ErrorRatio("gradients (nonzero where eager has none)", math.inf, 0.0, 0.0)
+    zero = lambda t, like: t if t is not None else torch.zeros_like(like)  # noqa: E731
+    flat = [(zero(a, b), b, zero(r, b)) for a, b, r in zip(g_got, g_want, g_ref) if b is not None]
+    got_v, want_v, ref_v = (torch.cat([t[i].flatten() for t in flat]) for i in range(3))
+    return error_ratio("gradients", got_v, ref_v, want_v, magnitude_floor=True)

@@ -53,7 +53,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import backend as _backend
 from .report import Report
-from .testing import ErrorRatio, error_ratio
+from .testing import ErrorRatio, error_ratio, gradient_error_ratio
 
 Inputs = Union[tuple, dict]
 
@@ -718,24 +718,14 @@ def _leaves(inputs: Inputs, grad: bool) -> tuple[Inputs, list[torch.Tensor]]:
     return fresh, [t for t in _values(fresh) if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
-def _grad_ratio(entry: ZooEntry, model: torch.nn.Module, ref_model: torch.nn.Module,
-                want: torch.Tensor, got: torch.Tensor, ref: torch.Tensor,
-                leaves: list[torch.Tensor], ref_leaves: list[torch.Tensor]) -> ErrorRatio:
-    """tests/helpers.py's gradient check: one concatenated vector, magnitude floor."""
+def _grad_ratio(model: torch.nn.Module, ref_model: torch.nn.Module, want: torch.Tensor,
+                got: torch.Tensor, ref: torch.Tensor, leaves: list[torch.Tensor],
+                ref_leaves: list[torch.Tensor]) -> ErrorRatio:
+    """All parameters' and input leaves' gradients under one seeded cotangent."""
     params = [p for p in model.parameters() if p.requires_grad]
     ref_params = [p for p in ref_model.parameters() if p.requires_grad]
     cot = torch.randn(want.shape, generator=_gen(7), dtype=want.dtype)
-    wrt, ref_wrt = params + leaves, ref_params + ref_leaves
-    g_want = torch.autograd.grad(want, wrt, cot, allow_unused=True, retain_graph=True)
-    g_got = torch.autograd.grad(got, wrt, cot, allow_unused=True)
-    g_ref = torch.autograd.grad(ref, ref_wrt, cot.double(), allow_unused=True)
-    for a, b in zip(g_got, g_want):
-        if b is None and a is not None and a.any():
-            return ErrorRatio("gradients (nonzero where eager has none)", math.inf, 0.0, 0.0)
-    flat = [(a if a is not None else torch.zeros_like(b), b, r if r is not None else torch.zeros_like(b))
-            for a, b, r in zip(g_got, g_want, g_ref) if b is not None]
-    got_v, want_v, ref_v = (torch.cat([t[i].flatten() for t in flat]) for i in range(3))
-    return error_ratio("gradients", got_v, ref_v, want_v, magnitude_floor=True)
+    return gradient_error_ratio(got, want, ref, params + leaves, ref_params + ref_leaves, cot)
 
 
 def _run(entry: ZooEntry, mode: str, res: ZooResult) -> None:
@@ -790,7 +780,7 @@ def _run(entry: ZooEntry, mode: str, res: ZooResult) -> None:
     if want.dim() and want.shape[0] == BATCH and torch.equal(want[0], want[1]):
         res.degenerate = True       # e.g. a zero-initialised head: the check would see nothing
     if train:
-        res.grad = _grad_ratio(entry, model, ref_model, want, got, ref, leaves, ref_leaves)
+        res.grad = _grad_ratio(model, ref_model, want, got, ref, leaves, ref_leaves)
     _diagnose(res, report)
 
 

@@ -1,7 +1,8 @@
 """One registry of attention kernels: what each supports (with reasons) and in what order to try them.
 
-A kernel is a forward ``(q, k, v, mask, scale, causal, mask_fill) -> (out, lse)`` and a backward
-``(dout, q, k, v, mask, out, lse, scale, causal, mask_fill, mask_grad) -> (dq, dk, dv, dmask)`` on
+A kernel is a forward ``(q, k, v, mask, scale, causal, mask_fill, softcap) -> (out, lse)`` and a
+backward ``(dout, q, k, v, mask, out, lse, scale, causal, mask_fill, mask_grad, softcap) ->
+(dq, dk, dv, dmask)`` on
 the tensors of ``reference.py``'s legend, plus ``supports(q, k, v, mask, causal) -> [reasons]``.
 ``supports`` also accepts fake tensors, so the rewrite pass asks it at compile time.
 

@@ -54,8 +54,11 @@ class Reading:
     perm_a: Optional[tuple] = None    # matmul: permute x to [batch..., i, c] (None = as is)
     perm_b: Optional[tuple] = None    # matmul: permute other to [batch..., c, j]
     out_perm: Optional[tuple] = None  # matmul: result = canonical [batch..., i, j].permute(out_perm)
-    bias: Any = None              # baddbmm input (None when beta = 0) / log_softmax node
-    sign: int = 1                 # add_mask: -1 for ``x - m``
+    bias: Any = None              # matmul: baddbmm's input (None when beta = 0)
+    alpha: Any = 1                # matmul: baddbmm's alpha (the product's factor)
+    beta: Any = 1                 # matmul: baddbmm's beta (the bias' factor)
+    spans: Any = None             # softmax: the log_softmax node under exp(log_softmax(x))
+    sign: int = 1                 # add_mask: -1 for ``x - m``; scale_by_tensor: -1 for ÷
 
 
 def meta(node: Any) -> Any:
@@ -102,13 +105,13 @@ def matmul(node: Node) -> Optional[Reading]:
 
 def _baddbmm(node: Node) -> Optional[Reading]:
     """``baddbmm(bias, a, b, beta=β, alpha=α)`` = α·(a @ b) + β·bias; β = 0 ignores ``bias``."""
-    bias, a, b = (list(node.args) + [node.kwargs.get(k) for k in ("input", "batch1", "batch2")][len(node.args):])[:3]
+    bias, a, b = _arg(node, 0, "input"), _arg(node, 1, "batch1"), _arg(node, 2, "batch2")
     alpha, beta = node.kwargs.get("alpha", 1), node.kwargs.get("beta", 1)
     if not (_number(alpha) and _number(beta)) or not isinstance(a, Node) or not isinstance(b, Node):
         return None
     if beta != 0 and not isinstance(bias, Node):
         return None
-    return Reading("matmul", "baddbmm->alpha*matmul+beta*bias", a, b, dim=alpha, dtype=beta,
+    return Reading("matmul", "baddbmm->alpha*matmul+beta*bias", a, b, alpha=alpha, beta=beta,
                    bias=bias if beta != 0 else None)
 
 
@@ -200,8 +203,10 @@ def batch_view(node: Node) -> Optional[Reading]:
     src, out = meta(node.args[0]), meta(node)
     if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor):
         return None
-    if src.dim() < 2 or out.dim() < 2 or src.dim() == out.dim() and src.shape == out.shape:
-        return None if src.dim() < 2 else Reading("batch_view", "no-op view->identity", node.args[0])
+    if src.dim() < 2 or out.dim() < 2:
+        return None
+    if src.shape == out.shape:
+        return Reading("batch_view", "no-op view->identity", node.args[0])
     same_last2 = all(a is b or str(a) == str(b) for a, b in zip(src.shape[-2:], out.shape[-2:]))
     if not same_last2:
         return None
@@ -311,7 +316,7 @@ def softmax(node: Node) -> Optional[Reading]:
             r = _softmax_call(inner, _LOG_SOFTMAX)
             if r is not None:
                 return Reading("softmax", "exp(log_softmax)->softmax", r.x, dim=r.dim, dtype=r.dtype,
-                               bias=inner)
+                               spans=inner)
         return None
     return _softmax_call(node, _SOFTMAX)
 

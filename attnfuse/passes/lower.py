@@ -14,6 +14,7 @@ dropped gives 0 (the SDPA path's answer; the ``need_weights=True`` math path giv
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, Optional
 
 import torch
@@ -63,7 +64,6 @@ def kind_of(node: Node) -> Optional[str]:
 
 def _weights_used(node: Node) -> bool:
     """Whether anything reads output 1 (the attention weights) of ``node``."""
-    import operator
     for u in node.users:
         if u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0:
             continue

@@ -39,7 +39,7 @@ class Operand:
     ops: tuple[Step, ...] = ()
 
     def then(self, *steps: Step) -> "Operand":
-        return Operand(self.node, self.ops + tuple(s for s in steps if s is not None))
+        return Operand(self.node, self.ops + steps)
 
 
 @dataclass
@@ -149,7 +149,7 @@ def _forward_chain(sm: Node, rules: list[str]) -> Union[tuple[Node, C.Reading, l
         if mm is not None and mm.x is cur and mm.other is not cur:
             if mm.perm_a is not None:
                 return Reject(f"{mm.rule} reads the probabilities transposed; not a P·V product")
-            if mm.bias is not None or (mm.dim not in (None, 1)):
+            if mm.bias is not None or mm.alpha != 1:
                 return Reject("P·V via baddbmm with a bias or alpha != 1; not fused")
             rules.append(mm.rule)
             return user, mm, chain
@@ -174,17 +174,14 @@ def _backward_chain(start: Node, rules: list[str], ctx: Context, meta_users: lis
         if r is None:
             return Reject(f"unsupported score modification `{_op_name(cur)}` between Q·Kᵀ and "
                           f"softmax; the site stays as written")
-        if r.rule.startswith(("mul(tensor)", "div(tensor)")):
+        if r.op == "scale" and isinstance(r.other, Node):
             if r.sign > 0 and ctx.constant(r.other) is None and ctx.constant(r.x) is not None:
                 r = C.Reading("scale", r.rule, r.other, r.x)        # c * s with both 1-element
-            value = ctx.constant(r.other)
-            if value is None:
+            c = _tensor_factor(r, ctx)
+            if c is None:
                 return Reject(f"scores are scaled by a tensor (`{r.other.name}`) that is not a "
-                              f"compile-time constant; not fused")
-            c = sympy.Float(float(value.reshape(())))
-            if c == 0:
-                return Reject("scores are scaled by zero")
-            r = C.Reading("scale", r.rule, r.x, c if r.sign > 0 else 1 / c)
+                              f"compile-time constant (or is zero); not fused")
+            r = C.Reading("scale", r.rule, r.x, c)
         rules.append(r.rule)
         chain.append(cur)
         if r.op == "matmul":
@@ -237,6 +234,15 @@ def _depends_on(node: Node, target: Node, limit: int = 10_000) -> bool:
     return False
 
 
+def _tensor_factor(r: C.Reading, ctx: Context) -> Optional[sympy.Expr]:
+    """The factor of a ``scale_by_tensor`` reading when its tensor is a nonzero constant."""
+    value = ctx.constant(r.other)
+    if value is None or float(value.reshape(())) == 0:
+        return None
+    c = sympy.Float(float(value.reshape(())))
+    return c if r.sign > 0 else 1 / c
+
+
 def _peel_scales(node: Node, factor: sympy.Expr, rules: list[str], dead: list[Node],
                  ctx: Context) -> tuple[Node, sympy.Expr]:
     """``q * c`` (used only here) reads as ``q`` with ``c`` folded into the scale."""
@@ -244,13 +250,9 @@ def _peel_scales(node: Node, factor: sympy.Expr, rules: list[str], dead: list[No
         r = C.read(node, C.scale, C.scale_by_tensor)
         if r is None or len(node.users) != 1:
             return node, factor
-        c = r.other
-        if isinstance(c, Node):
-            value = ctx.constant(c)
-            if value is None or float(value.reshape(())) == 0:
-                return node, factor
-            c = sympy.Float(float(value.reshape(())))
-            c = c if r.sign > 0 else 1 / c
+        c = _tensor_factor(r, ctx) if isinstance(r.other, Node) else r.other
+        if c is None:
+            return node, factor
         rules.append(f"{r.rule} on operand->scale")
         dead.append(node)
         node, factor = r.x, factor * c
@@ -492,16 +494,15 @@ def match_softmax(sm: Node, gm: GraphModule, example_inputs: Sequence[Any],
         return Reject("the scores' dtype is read outside the attention site (type_as); not fused")
     if mm.out_perm is not None:
         return Reject(f"{mm.rule} writes the scores with the key axis not last; not fused")
-    if mm.bias is not None or mm.dim is not None:    # baddbmm: alpha·(a @ b) + beta·bias
-        if mm.dim == 0:
-            return Reject("baddbmm with alpha=0 ignores Q·Kᵀ; not attention")
-        if mm.bias is not None:
-            bm = C.meta(mm.bias)
-            if not isinstance(bm, torch.Tensor) or not bm.is_floating_point():
-                return Reject("baddbmm's bias is not a float tensor; not fused")
-            masks.append(MaskTerm("add", mm.bias, factor * _sym(mm.dtype), domain=_batch(qk)))
-        factor = factor * _sym(mm.dim)
-    dead = [pv, *reversed(after), sm, *([r.bias] if r.bias is not None else []), *before]
+    if mm.alpha == 0:                                  # baddbmm: alpha·(a @ b) + beta·bias
+        return Reject("baddbmm with alpha=0 ignores Q·Kᵀ; not attention")
+    if mm.bias is not None:
+        bm = C.meta(mm.bias)
+        if not isinstance(bm, torch.Tensor) or not bm.is_floating_point():
+            return Reject("baddbmm's bias is not a float tensor; not fused")
+        masks.append(MaskTerm("add", mm.bias, factor * _sym(mm.beta), domain=_batch(qk)))
+    factor = factor * _sym(mm.alpha)
+    dead = [pv, *reversed(after), sm, *([r.spans] if r.spans is not None else []), *before]
     q_node, factor = _peel_scales(mm.x, factor, rules, dead, ctx)
     kt_node, factor = _peel_scales(mm.other, factor, rules, dead, ctx)
     q = _operand_view(q_node, mm.perm_a)
@@ -541,7 +542,6 @@ def _finish(sm: Node, r: C.Reading, pv: Node, pv_read: C.Reading, qk: Node, q: O
     outm, scores = C.meta(pv), C.meta(r.x)
     if not all(isinstance(t, torch.Tensor) for t in (qm, km, vm, outm, scores)):
         return Reject("operands have no recorded tensor metadata")
-    n = scores.dim()
     if not (qm.dim() == km.dim() and vm.dim() >= 2):
         return Reject(f"operand ranks differ: q {qm.dim()}-D, k {km.dim()}-D (broadcasting "
                       f"matmul); not fused")
@@ -599,7 +599,7 @@ def _finish(sm: Node, r: C.Reading, pv: Node, pv_read: C.Reading, qk: Node, q: O
     if fills and any(math.isfinite(f) for f in fills) and any(t.kind == "add" for t in kept):
         return Reject("a finite masked_fill combined with an additive mask: fusing would change "
                       "fully masked rows")
-    if any(t.kind == "fill" for t in kept) and any(float(t.factor) <= 0 for t in kept if t.kind == "fill"):
+    if any(float(t.factor) <= 0 for t in kept if t.kind == "fill"):
         return Reject("a masked_fill followed by a non-positive scale; not fused")
     return Match(sm, pv, q, k, v, factor, kept, causal, dead, rules, softcap, out_ops, groups)
 

@@ -25,6 +25,14 @@ def _fake_mode(nodes: list[Node]) -> Any:
     return None
 
 
+def _evaluate(op: str, target: Any, args: tuple, kwargs: dict, mode: Any) -> Any:
+    """Run one call_function/call_method on (fake) tensors, inside ``mode`` when there is one."""
+    with mode if mode is not None else contextlib.nullcontext():
+        if op == "call_method":
+            return getattr(args[0], target)(*args[1:], **kwargs)
+        return target(*args, **kwargs)
+
+
 def _propagate(node: Node, mode: Any) -> None:
     """Record the fake value of a node we inserted, so later passes see shapes as Dynamo's do."""
     if mode is None:
@@ -32,11 +40,7 @@ def _propagate(node: Node, mode: Any) -> None:
     args = torch.fx.node.map_arg(node.args, C.meta)
     kwargs = torch.fx.node.map_arg(node.kwargs, C.meta)
     try:
-        with mode:
-            if node.op == "call_method":
-                val = getattr(args[0], node.target)(*args[1:], **kwargs)
-            else:
-                val = node.target(*args, **kwargs)
+        val = _evaluate(node.op, node.target, args, kwargs, mode)
     except Exception:  # metadata is a courtesy to later passes; the rewrite is valid without it
         return
     node.meta["example_value"] = val
@@ -75,11 +79,7 @@ class _MetaBuilder(_Builder):
         return C.meta(node)
 
     def __call__(self, op: str, target: Any, *args: Any, **kwargs: Any) -> Any:
-        ctx = self.mode if self.mode is not None else contextlib.nullcontext()
-        with ctx:
-            if op == "call_method":
-                return getattr(args[0], target)(*args[1:], **kwargs)
-            return target(*args, **kwargs)
+        return _evaluate(op, target, args, kwargs, self.mode)
 
 
 def build_operand(b: _Builder, op: Operand) -> Any:
