@@ -5,7 +5,8 @@ Doors::
     fast = attnfuse.optimize(model, example_inputs)          # a module with its attention fused
     compiled = torch.compile(model, backend="attnfuse")      # the same, as a torch.compile backend
     print(attnfuse.explain(model, example_inputs))           # every site, the kernel chosen, why
-    out = attnfuse.attention(q, k, v, attn_mask, is_causal)  # drop-in for SDPA
+    out = attnfuse.attention(q, k, v, attn_mask, dropout_p, is_causal)  # drop-in for SDPA
+    out = attnfuse.attention(q, k, v, is_causal=True, window=(4095, 0))  # + sliding windows
 """
 from __future__ import annotations
 

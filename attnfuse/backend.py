@@ -33,6 +33,27 @@ POLICIES = ("exact",)
 INNER = ("inductor", "eager")
 
 
+def inductor_modes() -> tuple[str, ...]:
+    """The ``mode=`` names Inductor accepts (``"default"``, ``"reduce-overhead"``, ...)."""
+    from torch._inductor import list_mode_options
+    return tuple(list_mode_options())
+
+
+def mode_config(mode: Optional[str]) -> dict[str, Any]:
+    """Inductor's config patches for ``torch.compile(mode=...)``, from Inductor's own table.
+
+    ``None`` and ``"default"`` patch nothing; ``"reduce-overhead"`` turns on CUDA graphs
+    (``triton.cudagraphs``); ``"max-autotune"`` adds autotuning. Raises ValueError for other names.
+    """
+    if mode is None or mode == "default":
+        return {}
+    modes = inductor_modes()
+    if not isinstance(mode, str) or mode not in modes:
+        raise ValueError(f"mode must be one of {modes} or None, got {mode!r}")
+    from torch._inductor import list_mode_options
+    return dict(list_mode_options(mode))
+
+
 @dataclass(frozen=True)
 class Options:
     """How attnfuse compiles a model."""
@@ -46,6 +67,10 @@ class Options:
     """Force one kernel (``"flash"``, ``"reference"``) on every site it supports; ``None`` = choose."""
     keep_sdpa: bool = True
     """Leave existing SDPA calls on PyTorch's backends unless ``kernel`` forces another."""
+    mode: Optional[str] = None
+    """Inductor's mode for the rest of the graph, as in ``torch.compile(mode=...)``:
+    ``"reduce-overhead"`` (CUDA graphs), ``"max-autotune"``, ...; ``None`` = Inductor's default.
+    Only with ``inner="inductor"``."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -55,6 +80,14 @@ class Options:
         if self.kernel is not None and self.kernel not in registry.kernel_names():
             raise ValueError(f"kernel must be one of {registry.kernel_names()} or None, "
                              f"got {self.kernel!r}")
+        patches = mode_config(self.mode)   # raises for an unknown mode
+        if patches and self.inner != "inductor":
+            raise ValueError(f"mode={self.mode!r} configures Inductor and needs inner='inductor', "
+                             f"got inner={self.inner!r}")
+
+    def inductor_config(self) -> dict[str, Any]:
+        """Config patches for Inductor's ``compile_fx`` (empty for the default mode)."""
+        return mode_config(self.mode)
 
     @staticmethod
     def parse(options: Optional[dict[str, Any]]) -> "Options":
@@ -237,6 +270,9 @@ def make_backend(opts: Options, sink: Optional[Report] = None) -> Callable:
         if opts.inner == "eager":
             return gm.forward
         from torch._inductor.compile_fx import compile_fx
+        patches = opts.inductor_config()
+        if patches:
+            return compile_fx(gm, example_inputs, config_patches=patches)
         return compile_fx(gm, example_inputs)
 
     return backend
@@ -244,7 +280,16 @@ def make_backend(opts: Options, sink: Optional[Report] = None) -> Callable:
 
 def attnfuse_backend(gm: GraphModule, example_inputs: Sequence[Any], *,
                      options: Optional[dict[str, Any]] = None, mode: Optional[str] = None) -> Callable:
-    """``torch.compile(model, backend="attnfuse", options={...})``."""
+    """``torch.compile(model, backend="attnfuse", options={...})`` or ``mode="reduce-overhead"``.
+
+    ``torch.compile`` accepts ``mode`` or ``options``, not both; to combine them put the mode in
+    the options: ``options={"kernel": "flash", "mode": "reduce-overhead"}``.
+    """
+    options = dict(options or {})
+    if mode is not None and mode != "default":
+        if options.get("mode", mode) != mode:
+            raise ValueError(f"mode={mode!r} and options['mode']={options['mode']!r} disagree")
+        options["mode"] = mode
     return make_backend(Options.parse(options))(gm, example_inputs)
 
 
@@ -258,16 +303,18 @@ def _call(fn: Callable, example_inputs: Any) -> Any:
 
 def optimize(model: torch.nn.Module, example_inputs: Any = None, *, policy: str = "exact",
              inner: str = "inductor", kernel: Optional[str] = None, dynamic: Optional[bool] = None,
-             keep_sdpa: bool = True) -> torch.nn.Module:
+             keep_sdpa: bool = True, mode: Optional[str] = None) -> torch.nn.Module:
     """Return a module computing what ``model`` computes, with its attention fused.
 
     With ``example_inputs`` (a tensor, a tuple of positional args, or a dict of keyword args) the
-    model is compiled here, once; the report is at ``.attnfuse_report``.
+    model is compiled here, once; the report is at ``.attnfuse_report``. ``dynamic`` is
+    ``torch.compile``'s; ``mode`` is Inductor's (``"reduce-overhead"`` for CUDA graphs,
+    ``"max-autotune"``, ...), as in ``torch.compile(mode=...)``.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}; "
                         f"for a function use torch.compile(fn, backend='attnfuse')")
-    opts = Options(policy=policy, inner=inner, kernel=kernel, keep_sdpa=keep_sdpa)
+    opts = Options(policy=policy, inner=inner, kernel=kernel, keep_sdpa=keep_sdpa, mode=mode)
     report = Report()
     compiled = torch.compile(model, backend=make_backend(opts, report), dynamic=dynamic)
     compiled.attnfuse_report = report

@@ -52,6 +52,9 @@ class MaskSpec:
     """What sits between Q·Kᵀ and the softmax, besides the scale.
 
     ``causal``: ``"none"``, ``"top_left"`` (SDPA's ``is_causal``) or ``"bottom_right"``.
+    ``window``: ``(left, right)``, the keys each query may see around its diagonal (measured from
+    the causal alignment; -1 = unbounded; ``(-1, -1)`` = no window). A causal window
+    ``(W - 1, 0)`` is the sliding window of W tokens of Mistral and Gemma 2.
     ``kind``: ``"none"``, ``"bool"`` (True = attend; masked scores become ``fill``) or
     ``"additive"`` (added to the scaled scores). ``tensor``: shape/dtype of the dense mask.
     """
@@ -61,11 +64,24 @@ class MaskSpec:
     tensor: Optional[TensorInfo] = None
     fill: float = float("-inf")
     requires_grad: bool = False
+    window: tuple[int, int] = (-1, -1)
+
+    def describe_window(self) -> str:
+        """``"window 4096"`` for a causal sliding window of 4096 tokens, else the two sides."""
+        left, right = self.window
+        if (left, right) == (-1, -1):
+            return ""
+        if self.causal != "none" and right in (0, -1) and left >= 0:
+            return f"window {left + 1}"
+        sides = [f"{name} {n}" for name, n in (("left", left), ("right", right)) if n >= 0]
+        return "window " + ", ".join(sides)
 
     def describe(self) -> str:
         parts = []
         if self.causal != "none":
             parts.append(f"causal ({self.causal.replace('_', '-')})")
+        if self.window != (-1, -1):
+            parts.append(self.describe_window())
         if self.kind == "bool":
             fill = "-inf" if math.isinf(self.fill) else f"{self.fill:.3g}"
             parts.append(f"bool mask {self.tensor.describe()} (fill {fill})")

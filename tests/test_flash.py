@@ -17,8 +17,9 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
+from attnfuse.kernels import flash  # noqa: E402
 from attnfuse.kernels.flash import (  # noqa: E402
-    _tanh_parts, flash_backward, flash_forward, supports)
+    _tanh_parts, dropout_keep_mask, flash_backward, flash_forward, supports)
 from attnfuse.kernels.reference import attention_backward, attention_forward  # noqa: E402
 from attnfuse.testing import assert_error_ratio, reference_dtype  # noqa: E402
 
@@ -56,15 +57,23 @@ def assert_grad(name, g, ref, low, zero_bound):
 
 
 def check(gen, q, k, v, mask=None, causal="none", mask_fill=NEG_INF, scale=None, mask_grad=False,
-          softcap=0.0):
-    """Run forward + backward and compare every output with the reference; returns them."""
+          softcap=0.0, window=(-1, -1), dropout_p=0.0):
+    """Run forward + backward and compare every output with the reference; returns them.
+    With dropout the reference gets the kernel's own keep mask (``dropout_keep_mask``)."""
     inputs = [t.clone() for t in (q, k, v) + ((mask,) if mask is not None else ())]
     rd = reference_dtype(q.dtype)
     rmask = mask if mask is None or mask.dtype == torch.bool else mask.to(rd)
-    out, lse = flash_forward(q, k, v, mask, scale, causal, mask_fill, softcap=softcap)
+    seed = None
+    extra = dict(softcap=softcap, window=window)
+    if dropout_p > 0:
+        seed = torch.randint(0, 2**62, (1,), generator=gen).to(DEVICE)
+        keep = dropout_keep_mask(seed, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), dropout_p)
+        extra.update(dropout_p=dropout_p, dropout_mask=keep)
+    kern = dict(softcap=softcap, window=window, dropout_p=dropout_p, seed=seed)
+    out, lse = flash_forward(q, k, v, mask, scale, causal, mask_fill, **kern)
     ref_out, ref_lse = attention_forward(q.to(rd), k.to(rd), v.to(rd), rmask, scale, causal,
-                                         mask_fill, softcap=softcap)
-    low_out, low_lse = attention_forward(q, k, v, mask, scale, causal, mask_fill, softcap=softcap,
+                                         mask_fill, **extra)
+    low_out, low_lse = attention_forward(q, k, v, mask, scale, causal, mask_fill, **extra,
                                          acc_dtype=q.dtype)
     assert out.shape == ref_out.shape and out.dtype == q.dtype and out.is_contiguous()
     assert lse.shape == ref_lse.shape and lse.dtype == torch.float32
@@ -75,11 +84,11 @@ def check(gen, q, k, v, mask=None, causal="none", mask_fill=NEG_INF, scale=None,
 
     dout = _randn(gen, out.shape, q.dtype)
     grads = flash_backward(dout, q, k, v, mask, out, lse, scale, causal, mask_fill, mask_grad,
-                           softcap=softcap)
+                           **kern)
     ref = attention_backward(dout.to(rd), q.to(rd), k.to(rd), v.to(rd), rmask, ref_out, ref_lse,
-                             scale, causal, mask_fill, mask_grad, softcap=softcap)
+                             scale, causal, mask_fill, mask_grad, **extra)
     low = attention_backward(dout, q, k, v, mask, low_out, low_lse, scale, causal, mask_fill,
-                             mask_grad, softcap=softcap, acc_dtype=q.dtype)
+                             mask_grad, **extra, acc_dtype=q.dtype)
     # |dP − δ| rounding: D products of |dO|·|v| in fp32; summed over at most n rows or keys.
     n = max(q.shape[2] * q.shape[1] // k.shape[1], k.shape[2])
     ds_noise = 2 * v.shape[-1] * torch.finfo(torch.float32).eps * (
@@ -468,3 +477,155 @@ def test_reference_softcap_matches_eager(mask_kind, causal):
     # The cap bends these scores: without it the output is far away.
     plain, _ = attention_forward(q, k, v, mask, scale, causal)
     assert (plain - out).abs().max().item() > 0.1
+
+
+# ----------------------------------------------------------------------------- sliding windows
+
+def _band(nq, nk, causal, window):
+    """Dense bool band of the window semantics (independent of the kernel's tile arithmetic)."""
+    left, right = window
+    off = nk - nq if causal == "bottom_right" else 0
+    if causal != "none":
+        right = 0
+    i = torch.arange(nq)[:, None] + off
+    j = torch.arange(nk)[None, :]
+    keep = torch.ones(nq, nk, dtype=torch.bool)
+    if left >= 0:
+        keep &= j >= i - left
+    if right >= 0:
+        keep &= j <= i + right
+    return keep
+
+
+@pytest.mark.parametrize("nq,nk,causal,window", [
+    (100, 100, "top_left", (31, 0)),        # Mistral-style sliding window
+    (100, 100, "none", (7, 9)),             # local bidirectional
+    (47, 130, "bottom_right", (20, -1)),    # KV-cache alignment, Nq < Nk
+    (130, 47, "bottom_right", (5, -1)),     # Nq > Nk: leading rows see nothing
+    (64, 64, "none", (0, 0)),               # diagonal only
+    (33, 90, "none", (-1, 3)),              # right edge only
+    (1, 77, "bottom_right", (16, 0)),       # decode step
+])
+def test_window(nq, nk, causal, window):
+    gen = _gen("window", nq, nk, causal, window)
+    q, k, v = _qkv(gen, b=1, hq=4, hkv=2, nq=nq, nk=nk, d=40, dtype=torch.bfloat16)
+    out, lse, (dq, *_) = check(gen, q, k, v, causal=causal, window=window)
+    empty = ~_band(nq, nk, causal, window).any(-1)
+    if empty.any():
+        check_empty_rows(out, lse, dq, empty.to(DEVICE))
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+def test_window_with_mask(mask_kind):
+    gen = _gen("window_mask", mask_kind)
+    q, k, v = _qkv(gen, b=2, hq=2, hkv=1, nq=70, nk=70, d=32)
+    if mask_kind == "bool":
+        mask = torch.rand(2, 1, 1, 70, generator=gen).to(DEVICE) > 0.25
+        check(gen, q, k, v, mask, causal="top_left", window=(12, 0))
+    else:
+        mask = torch.randn(1, 2, 70, 70, generator=gen).to(DEVICE, torch.float16)
+        check(gen, q, k, v, mask, window=(9, 4), mask_grad=True)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, database=None)
+@given(nq=st.integers(1, 70), nk=st.integers(1, 70),
+       causal=st.sampled_from(["none", "top_left", "bottom_right"]),
+       left=st.integers(-1, 40), right=st.integers(-1, 40))
+def test_window_tiles_property(nq, nk, causal, left, right):
+    """Every (length, band) combination: the full/edge tile split never drops or adds a key."""
+    gen = _gen("window_prop", nq, nk, causal, left, right)
+    q, k, v = _qkv(gen, hq=1, hkv=1, nq=nq, nk=nk, d=16, dtype=torch.float32)
+    out, lse = flash_forward(q, k, v, None, None, causal, window=(left, right))
+    band = _band(nq, nk, causal, (left, right)).to(DEVICE)
+    ref_out, ref_lse = attention_forward(q.double(), k.double(), v.double(), band[None, None])
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=1e-4)
+
+
+def test_window_validation():
+    q, k, v = _qkv(_gen("wv"), nq=4, nk=4)
+    for bad in [(1,), (1.5, 0), (-2, 0), "left", (True, 0)]:
+        with pytest.raises(ValueError, match="window"):
+            flash_forward(q, k, v, window=bad)
+
+
+# ----------------------------------------------------------------------------- dropout
+
+@pytest.mark.parametrize("causal,mask_kind,hkv", [("none", None, 2), ("top_left", "bool", 1),
+                                                   ("bottom_right", "additive", 2)])
+def test_dropout_matches_reference(causal, mask_kind, hkv):
+    """Forward and backward with dropout against the reference given the kernel's keep mask:
+    the forward and both backward kernels draw the same Philox numbers for each (row, key)."""
+    gen = _gen("dropout", causal, mask_kind, hkv)
+    q, k, v = _qkv(gen, b=2, hq=2, hkv=hkv, nq=37, nk=53, d=32, dtype=torch.bfloat16)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(2, 1, 37, 53, generator=gen).to(DEVICE) > 0.2
+    elif mask_kind == "additive":
+        mask = torch.randn(1, 2, 37, 53, generator=gen).to(DEVICE, torch.bfloat16)
+    check(gen, q, k, v, mask, causal=causal, dropout_p=0.3, window=(20, -1),
+          mask_grad=mask_kind == "additive")
+
+
+def test_dropout_mask_statistics_and_reproducibility():
+    seed = torch.tensor([1234], dtype=torch.int64, device=DEVICE)
+    keep = dropout_keep_mask(seed, (2, 3, 64, 96), 0.25)
+    n = keep.numel()
+    rate = keep.float().mean().item()
+    assert abs(rate - 0.75) < 5 * math.sqrt(0.75 * 0.25 / n), rate
+    assert torch.equal(keep, dropout_keep_mask(seed, (2, 3, 64, 96), 0.25)), "not reproducible"
+    # Heads and batches draw different streams; a different seed gives a different mask.
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0], keep[1])
+    assert not torch.equal(keep, dropout_keep_mask(seed + 1, (2, 3, 64, 96), 0.25))
+
+
+def test_dropout_reproducible_and_extremes():
+    gen = _gen("dropout_extremes")
+    q, k, v = _qkv(gen, nq=20, nk=30, d=16)
+    seed = torch.tensor([7], dtype=torch.int64, device=DEVICE)
+    a, lse_a = flash_forward(q, k, v, dropout_p=0.5, seed=seed)
+    b, lse_b = flash_forward(q, k, v, dropout_p=0.5, seed=seed)
+    assert torch.equal(a, b) and torch.equal(lse_a, lse_b)
+    plain, lse_plain = flash_forward(q, k, v)
+    assert torch.equal(lse_a, lse_plain), "dropout must not change the softmax statistics"
+    zero, _ = flash_forward(q, k, v, dropout_p=1.0, seed=seed)
+    assert (zero == 0).all()
+    grads = flash_backward(torch.ones_like(zero), q, k, v, None, zero, lse_plain, dropout_p=1.0,
+                           seed=seed)
+    assert all((g == 0).all() for g in grads[:3])
+    with pytest.raises(ValueError, match="seed"):
+        flash_forward(q, k, v, dropout_p=0.1)
+    with pytest.raises(ValueError, match="dropout_p"):
+        flash_forward(q, k, v, dropout_p=1.5, seed=seed)
+
+
+def test_backward_is_deterministic():
+    """No atomics: two backward runs are bitwise equal (GQA, bias gradient, dropout)."""
+    gen = _gen("deterministic")
+    q, k, v = _qkv(gen, b=1, hq=4, hkv=2, nq=45, nk=45, d=32)
+    bias = torch.randn(1, 4, 45, 45, generator=gen).to(DEVICE, torch.float16)
+    seed = torch.tensor([3], dtype=torch.int64, device=DEVICE)
+    out, lse = flash_forward(q, k, v, bias, causal="top_left", dropout_p=0.1, seed=seed)
+    dout = _randn(gen, out.shape, out.dtype)
+    runs = [flash_backward(dout, q, k, v, bias, out, lse, causal="top_left", mask_grad=True,
+                           dropout_p=0.1, seed=seed) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- TMA descriptors
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="descriptor choice is the hardware's on a GPU")
+@pytest.mark.skipif(flash.TensorDescriptor is None, reason="triton without tensor descriptors")
+@pytest.mark.parametrize("causal,window,transposed", [("none", (-1, -1), False),
+                                                       ("top_left", (-1, -1), True),
+                                                       ("bottom_right", (9, -1), False)])
+def test_descriptor_loads(monkeypatch, causal, window, transposed):
+    """The forward's tensor-descriptor path (Hopper's TMA loads), run by the interpreter."""
+    monkeypatch.setattr(flash, "INTERPRET_DESC", True)
+    gen = _gen("desc", causal, window, transposed)
+    q, k, v = _qkv(gen, b=2, hq=4, hkv=2, nq=45, nk=70, d=32, dtype=torch.bfloat16,
+                   transposed=transposed)
+    _, ok = flash._descriptors(q, k, v, torch.empty_like(q))
+    assert ok, "these layouts are 16-byte aligned: descriptors must be used"
+    check(gen, q, k, v, causal=causal, window=window)

@@ -230,3 +230,62 @@ def test_report_renders() -> None:
     assert "1 fused" in text and "attnfuse::reference" in text and "test_rewrite.py" in text
     assert "attnfuse.attention" in r.after[0].code and "softmax" not in r.after[0].code
     assert "softmax" in r.before[0].code and "-" in r.diff()
+
+
+def _op_keep(nq: int, nk: int, causal: str, window: tuple) -> torch.Tensor:
+    from attnfuse.kernels import reference
+    rows, cols = torch.arange(nq)[:, None], torch.arange(nk)[None, :]
+    out = reference.outside_band(rows, cols, causal, window, nq, nk)
+    return torch.ones(nq, nk, dtype=torch.bool) if out is None else ~out
+
+
+def test_band_of_reads_every_band_back_exactly() -> None:
+    """Every band on small shapes: what ``band_of`` returns keeps exactly the pattern (through the
+    kernels' own band semantics), and bands with off = 0 or a diagonal right edge are found."""
+    from attnfuse.passes.match import band_of
+    for nq in range(1, 6):
+        for nk in range(1, 7):
+            for off in sorted({0, nk - nq}):
+                for left in range(-1, 7):
+                    for right in range(-1, 7):
+                        i, j = torch.arange(nq)[:, None], torch.arange(nk)[None, :]
+                        keep = torch.ones(nq, nk, dtype=torch.bool)
+                        if left >= 0:
+                            keep &= j >= i + off - left
+                        if right >= 0:
+                            keep &= j <= i + off + right
+                        got = band_of(keep[None, None], nq, nk)
+                        if got is not None:
+                            assert torch.equal(_op_keep(nq, nk, *got), keep), (nq, nk, off, left,
+                                                                              right, got)
+                        elif keep.any() and (off == 0 or right == 0):
+                            raise AssertionError(f"band missed: {(nq, nk, off, left, right)}")
+
+
+def test_band_of_never_misreads_other_patterns() -> None:
+    from attnfuse.passes.match import band_of
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        nq, nk = (int(x) for x in torch.randint(1, 7, (2,), generator=g))
+        keep = torch.rand(nq, nk, generator=g) > 0.3
+        got = band_of(keep, nq, nk)
+        assert got is None or torch.equal(_op_keep(nq, nk, *got), keep)
+    per_head = torch.ones(2, 4, 4, dtype=torch.bool).tril()
+    per_head[1] = True                              # differs between heads: not one pattern
+    assert band_of(per_head, 4, 4) is None
+
+
+@pytest.mark.parametrize("base,windows", [("mistral", [5, 5]), ("gemma2", [6, None])])
+def test_hf_sliding_window_without_padding_becomes_window_args(base: str, windows) -> None:
+    """Without an attention_mask input, transformers builds the sliding-window mask from positions
+    alone: a constant band, read back as the op's causal flag and window. (With a padding mask
+    the band and the padding are one input-dependent tensor, which stays a dense mask.)"""
+    pytest.importorskip("transformers")
+    from attnfuse.zoo import _build_hf
+    model, inputs = _build_hf(base, "eager")
+    r = check_rewrite(model.eval(), (inputs["input_ids"],), fused=2,
+                      out_of=lambda o: o.last_hidden_state)
+    got = [s.spec.mask.window[0] + 1 if s.spec.mask.window != (-1, -1) else None
+           for s in r.sites]
+    assert got == windows and all(s.spec.mask.causal == "top_left" for s in r.sites), str(r)
+    assert all(s.spec.mask.kind == "none" for s in r.sites)

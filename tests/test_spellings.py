@@ -169,11 +169,23 @@ def test_causal_spellings(name: str) -> None:
     assert r.sites[0].spec.mask.causal == "top_left" and r.sites[0].spec.mask.kind == "none"
 
 
-def test_finite_additive_causal_stays_additive() -> None:
-    """A finfo.min additive causal mask is not turned into -inf: eager semantics kept exactly."""
+def test_finite_additive_causal_alone_becomes_causal() -> None:
+    """A finfo.min additive causal mask that is the site's only mask and leaves every row a key
+    gives the softmax of -inf: it becomes the op's causal flag."""
     fn = lambda s, q, k, v: torch.softmax(q @ k.mT + s.m[:N, :N], -1) @ v
     m = torch.full((32, 32), torch.finfo(torch.float32).min).triu(1)
     r = check_rewrite(Fn(fn, m=m), qkv(), fused=1)
+    assert r.sites[0].spec.mask.causal == "top_left" and r.sites[0].spec.mask.kind == "none"
+
+
+def test_finite_additive_causal_with_padding_stays_additive() -> None:
+    """Next to another mask a row may be fully masked, where finfo.min and -inf differ: the
+    constant mask stays an additive mask, so eager semantics are kept exactly."""
+    fn = lambda s, q, k, v, pad: torch.softmax(q @ k.mT + s.m[:N, :N] + pad, -1) @ v
+    m = torch.full((32, 32), torch.finfo(torch.float32).min).triu(1)
+    pad = torch.zeros(B, 1, 1, N)
+    pad[1, ..., :3] = torch.finfo(torch.float32).min        # rows 0-2 of batch 1: no key left
+    r = check_rewrite(Fn(fn, m=m), (*qkv(), pad), fused=1)
     assert r.sites[0].spec.mask.causal == "none" and r.sites[0].spec.mask.kind == "additive"
 
 
@@ -187,6 +199,147 @@ def test_sliding_window_and_key_padding() -> None:
         (q @ k.mT * 0.3).masked_fill(~(s.band & pad), float("-inf")), -1) @ v
     r = check_rewrite(Fn(fn, band=band), (*qkv(), pad), fused=1)
     assert r.sites[0].spec.mask.kind == "bool"
+
+
+def _op_window(r) -> tuple:
+    """The (causal, window_left, window_right) the rewritten graph passes to the fused op."""
+    (node,) = [n for g in r.after for n in g.graph.nodes
+               if n.target is torch.ops.attnfuse.attention.default]
+    return (node.args[5], *node.args[9:11])
+
+
+W = 4
+
+
+def _band_buffer(n: int = 32, w: int = W) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool).tril().triu(-(w - 1))     # keys i-w+1 .. i
+
+
+SLIDING = {
+    "tril_triu_bool_buffer": lambda s, q, k, v: torch.softmax(
+        (q @ k.mT * 0.3).masked_fill(~s.band[:N, :N], float("-inf")), -1) @ v,
+    "tril_minus_tril_float_buffer": lambda s, q, k, v: torch.softmax(
+        (q @ k.mT * 0.3).masked_fill(s.bandf[:N, :N] == 0, torch.finfo(q.dtype).min), -1) @ v,
+    "arange_compare": lambda s, q, k, v: torch.softmax(torch.where(
+        (torch.arange(N)[None, :] <= torch.arange(N)[:, None])
+        & (torch.arange(N)[None, :] > torch.arange(N)[:, None] - W), q @ k.mT * 0.3,
+        float("-inf")), -1) @ v,
+    "finfo_min_additive_hf_style": lambda s, q, k, v: torch.softmax(q @ k.mT * 0.3 + torch.zeros(
+        N, N, dtype=q.dtype).masked_fill(~s.band[:N, :N], torch.finfo(q.dtype).min), -1) @ v,
+    "causal_then_window_two_masks": lambda s, q, k, v: torch.softmax(
+        (q @ k.mT * 0.3).masked_fill(torch.ones(N, N, dtype=torch.bool).triu(1), float("-inf"))
+        .masked_fill(torch.ones(N, N, dtype=torch.bool).tril(-W), float("-inf")), -1) @ v,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SLIDING))
+def test_sliding_window_band_becomes_window_args(name: str) -> None:
+    """A constant causal band of W keys: the op's causal flag and window (W - 1, 0), no mask."""
+    full = torch.ones(32, 32)
+    mod = Fn(SLIDING[name], band=_band_buffer(), bandf=full.tril() - full.tril(-W))
+    r = check_rewrite(mod, qkv(), fused=1)
+    spec = r.sites[0].spec
+    assert (spec.mask.causal, spec.mask.window, spec.mask.kind) == ("top_left", (W - 1, 0), "none")
+    assert f"causal (top-left), window {W}" in spec.describe()
+    assert _op_window(r) == ("top_left", W - 1, 0)
+
+
+def test_two_sided_arange_band_is_a_window() -> None:
+    """|i - j| limits on both sides (a local, non-causal window)."""
+    def fn(s, q, k, v):
+        i, j = torch.arange(N)[:, None], torch.arange(N)[None, :]
+        return torch.softmax((q @ k.mT * 0.3).masked_fill((j > i + 2) | (j < i - 3),
+                                                          float("-inf")), -1) @ v
+
+    r = check_rewrite(Fn(fn), qkv(), fused=1)
+    spec = r.sites[0].spec
+    assert (spec.mask.causal, spec.mask.window, spec.mask.kind) == ("none", (3, 2), "none")
+    assert "window left 3, right 2" in spec.describe()
+    assert _op_window(r) == ("none", 3, 2)
+
+
+def test_bottom_right_sliding_window_on_a_kv_cache() -> None:
+    """Queries are the last Nq of Nk positions: the band is aligned bottom-right."""
+    nq, nk = 5, N
+    keep = torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq).triu(nk - nq - (W - 1))
+    fn = lambda s, q, k, v: torch.softmax((q @ k.mT).masked_fill(~s.keep, float("-inf")), -1) @ v
+    r = check_rewrite(Fn(fn, keep=keep), qkv(nq, nk), fused=1)
+    mask = r.sites[0].spec.mask
+    assert (mask.causal, mask.window) == ("bottom_right", (W - 1, 0))
+
+
+def test_window_band_and_key_padding_as_two_masks() -> None:
+    """The constant band becomes window args; the padding stays a dense bool mask."""
+    pad = torch.ones(B, 1, 1, N, dtype=torch.bool)
+    pad[0, ..., 5:7] = False                     # every row keeps a key
+    fn = lambda s, q, k, v, pad: torch.softmax((q @ k.mT * 0.3).masked_fill(
+        ~s.band[:N, :N], float("-inf")).masked_fill(~pad, float("-inf")), -1) @ v
+    r = check_rewrite(Fn(fn, band=_band_buffer()), (*qkv(), pad), fused=1)
+    spec = r.sites[0].spec
+    assert (spec.mask.causal, spec.mask.window, spec.mask.kind) == ("top_left", (W - 1, 0), "bool")
+
+
+def test_window_args_under_inductor_match_eager() -> None:
+    r = check_rewrite(Fn(SLIDING["arange_compare"]), qkv(), fused=1, inner="inductor")
+    assert r.sites[0].spec.mask.window == (W - 1, 0)
+
+
+KEPT_DENSE = {
+    # A finite fill next to another mask: a row may be fully masked, where fills matter.
+    "finite_band_with_padding": (
+        lambda s, q, k, v, pad: torch.softmax((q @ k.mT).masked_fill(
+            ~(s.band[:N, :N]), -1e9).masked_fill(~pad, -1e9), -1) @ v, "bool"),
+    # A finite masked_fill applied after a -inf band overwrites some of its -inf entries (the
+    # site then mixes fills and is left alone).
+    "finite_fill_after_band": (
+        lambda s, q, k, v, pad: torch.softmax((q @ k.mT).masked_fill(
+            ~s.band[:N, :N], float("-inf")).masked_fill(~pad, -1e9), -1) @ v, None),
+    # Not a band: one key inside the window is masked.
+    "band_with_a_hole": (
+        lambda s, q, k, v, pad: torch.softmax((q @ k.mT).masked_fill(
+            ~s.holed[:N, :N], float("-inf")).masked_fill(~pad, float("-inf")), -1) @ v, "bool"),
+    # A fill that is not huge is a real score, not a mask.
+    "small_fill": (
+        lambda s, q, k, v, pad: torch.softmax((q @ k.mT).masked_fill(
+            ~s.band[:N, :N], -3.0), -1) @ v + 0 * pad.sum(), "bool"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KEPT_DENSE))
+def test_band_that_cannot_be_converted_stays_dense(name: str) -> None:
+    fn, kind = KEPT_DENSE[name]
+    holed = _band_buffer().clone()
+    holed[6, 5] = False
+    pad = torch.ones(B, 1, 1, N, dtype=torch.bool)
+    pad[1, ..., :2] = False                      # rows 0-1 of batch 1 lose every key in the band
+    if name == "band_with_a_hole":
+        pad[1, ..., :2] = True                   # -inf everywhere would give NaN rows in eager
+    mod = Fn(fn, band=_band_buffer(), holed=holed)
+    r = check_rewrite(mod, (*qkv(), pad), fused=int(kind is not None), kept=int(kind is None))
+    if kind is None:
+        assert "different finite fill" in r.sites[0].reason
+        return
+    spec = r.sites[0].spec
+    assert spec.mask.window == (-1, -1) and spec.mask.kind == kind, spec.describe()
+    if name != "small_fill":                     # -3.0 is a score, not a mask: no candidate
+        assert any(rule.startswith("constant mask kept dense") for rule in spec.rules), spec.rules
+
+
+def test_finite_band_with_empty_rows_stays_dense() -> None:
+    """Bottom-right band with Nq > Nk leaves the first rows empty: finfo.min averages V there."""
+    nq, nk = N, 6
+    keep = torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq)
+    fn = lambda s, q, k, v: torch.softmax(
+        (q @ k.mT).masked_fill(~s.keep, torch.finfo(q.dtype).min), -1) @ v
+    r = check_rewrite(Fn(fn, keep=keep), qkv(nq, nk), fused=1)
+    assert r.sites[0].spec.mask.causal == "none" and r.sites[0].spec.mask.kind == "bool"
+
+
+def test_all_true_constant_mask_is_dropped() -> None:
+    fn = lambda s, q, k, v: torch.softmax(
+        (q @ k.mT).masked_fill(~torch.ones(N, N, dtype=torch.bool), float("-inf")), -1) @ v
+    r = check_rewrite(Fn(fn), qkv(), fused=1)
+    assert r.sites[0].spec.mask.kind == "none" and r.sites[0].spec.mask.describe() == "none"
 
 
 def repeat_kv(x: torch.Tensor, g: int) -> torch.Tensor:

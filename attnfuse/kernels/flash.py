@@ -6,27 +6,40 @@ Legend (the symbols of ``reference.py``; every tile comment uses them)::
     out [B, Hq,  Nq, Dv]    lse [B, Hq, Nq]   (fp32, natural log, -inf on rows with no key)
     mask read through strides as [B, Hq, Nq, Nk] (stride 0 on broadcast dims), never expanded
 
-    s   = scale·q·kᵀ                                                         (natural units)
-    s   = softcap·t,  t = tanh(s / softcap)          only with HAS_SOFTCAP (softcap > 0), pre-mask
-    s   = s + mask   or  mask_fill where a bool mask is False
-    s   = -inf outside the causal band and outside [0, Nq) x [0, Nk)
-    m   = running row max of s    p = exp2(s·log2e − m·log2e)  (one FMA: log2 e folded into exp2)
-    l   = running row sum of p    acc = Σ p·v    out = acc / l    lse = m + ln l
-    backward: p = exp2(s·log2e − lse·log2e)   dP = dO·vᵀ   δ = rowsum(dO ∘ out)   dS = p ∘ (dP − δ)
-              (dS = 0 where a bool mask filled the score: a constant has no gradient)
+    Scores are kept in base 2 (log2 e folded into the scale, so every exponential is one exp2):
+    s   = scale·log2e·q·kᵀ
+    s   = softcap·log2e·t,  t = tanh(scale·q·kᵀ / softcap)     only with HAS_SOFTCAP, pre-mask
+    s   = s + log2e·mask   or  log2e·mask_fill where a bool mask is False
+    s   = -inf outside the band  i + off − left <= j <= i + off + right  and outside Nk
+          (causal is the band with right = 0; off = Nk − Nq for bottom-right alignment, else 0)
+    m   = running row max of s    p = exp2(s − m)    l = running row sum of p
+    acc = Σ (p ∘ keep)·v    out = acc / l / (1 − p_drop)    lse = (m + log2 l)·ln 2
+    keep = Philox(seed; j, i, b·Hq + h) >= p_drop           only with DROPOUT (else all kept)
+    backward: p = exp2(s − lse·log2e)   dP = dO·vᵀ ∘ keep/(1 − p_drop)   δ = rowsum(dO ∘ out)
+              dS = p ∘ (dP − δ)  (0 where a bool mask filled the score: a constant has no gradient)
               dmask = dS   then dS = dS ∘ (1 − t²) with HAS_SOFTCAP (through the cap)
-              dq = scale·dS·k   dk = scale·Σ_group dSᵀ·q   dv = Σ_group pᵀ·dO
+              dq = scale·dS·k   dk = scale·Σ_group dSᵀ·q   dv = Σ_group (p ∘ keep/(1 − p_drop))ᵀ·dO
 
-Kernels: ``_fwd_kernel`` (grid: query blocks x Hq x B), ``_bwd_preprocess`` (δ),
-``_bwd_dkdv_kernel`` (a K/V block stays put, loops over the G query heads and the query blocks; no
-atomics) and ``_bwd_dq_kernel`` (a Q block stays put, loops over key blocks; optionally stores dS
-for the mask gradient). Variants (mask kind, causal, soft-cap, fp32 dots, dS output) are constexpr
-flags; ``softcap=0`` compiles the same code as a kernel without the cap.
+Tiles. For one query block the key tiles split into *full* tiles, every (row, key) pair inside
+the band and in bounds, which run with no masking arithmetic at all, and *edge* tiles (the band's
+diagonals, the ragged last tile), which are masked; the same split over query tiles serves the
+dK/dV kernel. Tiles wholly outside the band are never visited (causal and sliding-window skip).
+
+Kernels: ``_fwd_kernel`` (grid: query blocks x Hq x B, longest causal blocks first),
+``_bwd_preprocess`` (δ), ``_bwd_dkdv_kernel`` (a K/V block stays put, loops over the G query
+heads and their query tiles) and ``_bwd_dq_kernel`` (a Q block stays put, loops over key tiles;
+optionally stores dS for the mask gradient). The backward uses no atomics, so it is
+deterministic: the same inputs give bitwise the same gradients, run after run. Variants (mask kind,
+soft-cap, dropout, fp32 dots, dS output, tensor-descriptor loads) are constexpr flags;
+``softcap=0``/``dropout_p=0`` compile no cap/RNG code. On Hopper (sm_90+) the forward may load
+through TMA tensor descriptors when strides allow; every other GPU (and the interpreter, unless
+asked) uses pointer loads, so the same kernel builds for sm_80.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import Optional
 
 import torch
@@ -35,19 +48,26 @@ import triton.language as tl
 
 from .reference import CAUSAL_KINDS, check_softcap
 
+try:  # TMA tensor descriptors built on the host (triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton
+    TensorDescriptor = None
+
 _LOG2E_F = 1.4426950408889634
 _LN2_F = 0.6931471805599453
 _FP32_MAX = 3.4028234663852886e38
 _MAX_HEAD_DIM = 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MASK_DTYPES = (torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# An unbounded side of the band: far beyond any index, small enough that i ± it fits in int32.
+_UNBOUNDED = 1 << 30
 
 _LOG2E = tl.constexpr(_LOG2E_F)
 _LN2 = tl.constexpr(_LN2_F)
-# Finite fills and additive-mask entries are clamped to at least this (finfo(bf16/fp32).min would
-# overflow to -inf in s·log2e), so they stay "huge but finite", as the reference sees them.
-_MIN_SCORE_F = -_FP32_MAX * _LN2_F * 0.999
-_MIN_SCORE = tl.constexpr(_MIN_SCORE_F)
+# Finite fills and additive-mask entries (base 2) are clamped to at least this, so that they stay
+# "huge but finite" (as the reference sees them) and s − m never overflows.
+_MIN_SCORE2_F = -_FP32_MAX * 0.999
+_MIN_SCORE2 = tl.constexpr(_MIN_SCORE2_F)
 _NO_MASK = tl.constexpr(0)
 _BOOL_MASK = tl.constexpr(1)
 _ADD_MASK = tl.constexpr(2)
@@ -56,24 +76,61 @@ _ADD_MASK = tl.constexpr(2)
 # ----------------------------------------------------------------------------- shared helpers
 
 @triton.jit
-def _keep(Mask, rows, cols, smm, smn, inside):
-    """Bool-mask tile (True = attend), read as uint8; out-of-bounds entries count as kept."""
-    return tl.load(Mask + rows * smm + cols * smn, mask=inside, other=1) != 0
+def _load(Ptr, rows, cols, stride, NR, NC, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Tile ``Ptr[rows, cols]`` (unit column stride); out-of-range entries read as 0. Bounds are
+    checked only where asked, so full tiles issue unpredicated loads."""
+    ptrs = Ptr + rows[:, None] * stride + cols[None, :]
+    if CHECK_ROWS:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=(rows[:, None] < NR) & (cols[None, :] < NC), other=0.0)
+        else:
+            x = tl.load(ptrs, mask=rows[:, None] < NR, other=0.0)
+    else:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=cols[None, :] < NC, other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
 
 
 @triton.jit
-def _mask_scores(s, rows, cols, Mask, smm, smn, NQ, NK, offset, fill,
-                 MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr):
-    """Apply user mask, causal band and bounds to scaled scores; rows/cols broadcast to s."""
-    inside = (rows < NQ) & (cols < NK)
-    if MASK_KIND == _BOOL_MASK:
-        s = tl.where(_keep(Mask, rows, cols, smm, smn, inside), s, fill)
-    elif MASK_KIND == _ADD_MASK:
-        bias = tl.load(Mask + rows * smm + cols * smn, mask=inside, other=0.0).to(tl.float32)
-        s = s + tl.where(bias == float("-inf"), bias, tl.maximum(bias, _MIN_SCORE))
-    if CAUSAL:
-        inside = inside & (cols <= rows + offset)
+def _user_mask(s, rows, cols, Mask, smm, smn, NQ, NK, fill2, MASK_KIND: tl.constexpr):
+    """Apply the user's bool/additive mask (read by strides) to base-2 scores."""
+    if MASK_KIND != _NO_MASK:
+        inside = (rows < NQ) & (cols < NK)
+        ptrs = Mask + rows * smm + cols * smn
+        if MASK_KIND == _BOOL_MASK:  # read as uint8; out-of-range entries count as kept
+            s = tl.where(tl.load(ptrs, mask=inside, other=1) != 0, s, fill2)
+        else:
+            bias = tl.load(ptrs, mask=inside, other=0.0).to(tl.float32)
+            s = s + tl.where(bias == float("-inf"), bias, tl.maximum(bias * _LOG2E, _MIN_SCORE2))
+    return s
+
+
+@triton.jit
+def _band(s, rows, cols, NK, offset, left, right):
+    """-inf outside the band i + off − left <= j <= i + off + right and outside [0, Nk)."""
+    diag = rows + offset
+    inside = (cols < NK) & (cols >= diag - left) & (cols <= diag + right)
     return tl.where(inside, s, float("-inf"))
+
+
+@triton.jit
+def _keep_bool(Mask, rows, cols, smm, smn, NQ, NK):
+    """Bool-mask tile (True = attend), read as uint8; out-of-bounds entries count as kept."""
+    return tl.load(Mask + rows * smm + cols * smn, mask=(rows < NQ) & (cols < NK), other=1) != 0
+
+
+@triton.jit
+def _dropout_keep(seed, bh, rows, cols, drop_p):
+    """Which (row, key) pairs dropout keeps: Philox keyed by ``seed`` with counters (key, row,
+    batch·Hq + head), so any tile shape and any kernel (forward, both backward kernels) draws the
+    same number for the same pair."""
+    c0 = cols + rows * 0
+    c1 = rows + cols * 0
+    c2 = c0 * 0 + bh
+    r0, _, _, _ = tl.philox(seed, c0, c1, c2, c2 * 0)
+    return tl.uint_to_uniform_float(r0) >= drop_p
 
 
 @triton.jit
@@ -98,28 +155,52 @@ def _tanh_parts(x):
 
 
 @triton.jit
-def _scaled_scores(q, kT, scale, softcap, PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """``(s, 1 − t²)``: scale·q·kᵀ, soft-capped with HAS_SOFTCAP (else 1 − t² is a dummy 1)."""
-    s = tl.dot(q, kT, input_precision=PREC) * scale
+def _scores2(q, kT, scale, softcap, PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """``(s, 1 − t²)``: base-2 scores scale·log2e·q·kᵀ, soft-capped with HAS_SOFTCAP (else
+    1 − t² is a dummy 1)."""
+    x = tl.dot(q, kT, input_precision=PREC)
     if HAS_SOFTCAP:
-        t, dt = _tanh_parts(s * (1.0 / softcap))
-        s = softcap * t
+        t, dt = _tanh_parts(x * (scale / softcap))
+        s = (softcap * _LOG2E) * t
     else:
+        s = x * (scale * _LOG2E)
         dt = 1.0
     return s, dt
 
 
 @triton.jit
-def _key_range(start_m, NK, offset, CAUSAL: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key blocks [0, lo) lie inside this query block's causal band; blocks [lo, hi) cross it."""
-    if CAUSAL:
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + offset, 0), NK)
-        lo = tl.minimum(tl.maximum(start_m + offset + 1, 0) // BLOCK_N * BLOCK_N, hi)
-    else:
-        hi = NK
-        lo = NK
-    return lo, hi
+def _split(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
+    """Tiles of BLOCK covering [lo, hi): edge tiles [t0, f0) and [f1, t1), full tiles [f0, f1)
+    (inside [full_lo, full_hi)). All four are multiples of BLOCK; lo, full_lo >= 0."""
+    t0 = lo // BLOCK * BLOCK
+    t1 = tl.maximum((tl.maximum(hi, lo) + BLOCK - 1) // BLOCK * BLOCK, t0)
+    f0 = tl.minimum(tl.maximum((full_lo + BLOCK - 1) // BLOCK * BLOCK, t0), t1)
+    f1 = tl.minimum(tl.maximum(tl.maximum(full_hi, 0) // BLOCK * BLOCK, f0), t1)
+    return t0, f0, f1, t1
+
+
+@triton.jit
+def _key_tiles(start_m, NK, offset, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles of the query block [start_m, start_m + BLOCK_M): see ``_split``."""
+    last = start_m + BLOCK_M - 1
+    lo = tl.maximum(start_m + offset - left, 0)  # some row of the block sees keys from here
+    hi = tl.minimum(last + offset + right + 1, NK)
+    full_lo = tl.maximum(last + offset - left, 0)  # every row sees keys [full_lo, full_hi)
+    full_hi = tl.minimum(start_m + offset + right + 1, NK)
+    return _split(lo, hi, full_lo, full_hi, BLOCK_N)
+
+
+@triton.jit
+def _query_tiles(start_n, NQ, NK, offset, left, right, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """Query tiles that see the key block [start_n, start_n + BLOCK_N): see ``_split``. A key
+    block that runs past Nk has edge tiles only."""
+    last = start_n + BLOCK_N - 1
+    lo = tl.maximum(start_n - offset - right, 0)
+    hi = tl.minimum(last - offset + left + 1, NQ)
+    full_lo = tl.maximum(last - offset - right, 0)
+    full_hi = tl.where(last < NK, tl.minimum(start_n - offset + left + 1, NQ), 0)
+    return _split(lo, hi, full_lo, full_hi, BLOCK_M)
 
 
 @triton.jit
@@ -149,7 +230,7 @@ def _for_store(x, Ptr, EMU_BF16: tl.constexpr):
 
 @triton.jit
 def _load_lse2(ptrs, valid):
-    """Saved lse times log2 e; empty rows (-inf) become +inf so that exp2(s·log2e − lse2) = 0."""
+    """Saved lse times log2 e; empty rows (-inf) become +inf so that exp2(s − lse2) = 0."""
     lse = tl.load(ptrs, mask=valid, other=float("-inf")).to(tl.float32)
     return tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
 
@@ -157,28 +238,49 @@ def _load_lse2(ptrs, valid):
 # ----------------------------------------------------------------------------- forward
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K, V, Mask, offs_m, offs_d, offs_dv, lo, hi,
-               skn, skd, svn, svd, smm, smn, NQ, NK, D, DV, scale, fill, offset, softcap,
-               MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-               EMU_BF16: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Online softmax over the key blocks [lo, hi): the FlashAttention-2 inner loop."""
+def _fwd_tiles(acc, l_i, m_i, q, K, V, desc_k, desc_v, Mask, seed, bh, b32, hk32, offs_m, lo, hi,
+               skn, svn, smm, smn, NQ, NK, scale, fill2, offset, left, right, softcap, drop_p,
+               EDGE: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+               FOLD_SCALE: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, USE_DESC: tl.constexpr, BLOCK_N: tl.constexpr,
+               D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Online softmax over the key tiles [lo, hi): the FlashAttention-2 inner loop. EDGE tiles
+    apply the band and bounds; full tiles skip them."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kT = _operand(tl.load(K + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                              mask=(offs_n[None, :] < NK) & (offs_d[:, None] < D), other=0.0),
-                      EMU_BF16)  # [BLOCK_D, BLOCK_N]
-        s, _ = _scaled_scores(q, kT, scale, softcap, PREC, HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
-        s = _mask_scores(s, offs_m[:, None], offs_n[None, :], Mask, smm, smn, NQ, NK, offset,
-                         fill, MASK_KIND, CAUSAL)
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # [BLOCK_M]
-        # A row with no key so far has m = -inf: subtract 0 instead, so p = 0 rather than NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # [BLOCK_M]
-        p = tl.math.exp2(s * _LOG2E - (m_safe * _LOG2E)[:, None])  # [BLOCK_M, BLOCK_N]
-        alpha = tl.math.exp2((m_i - m_safe) * _LOG2E)  # [BLOCK_M]
+        if USE_DESC:  # TMA: out-of-range rows arrive as zeros
+            k = desc_k.load([b32, hk32, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        else:
+            k = _load(K, offs_n, offs_d, skn, NK, D, EDGE, D != BLOCK_D)
+        kT = tl.trans(_operand(k, EMU_BF16))  # [BLOCK_D, BLOCK_N]
+        if FOLD_SCALE and not EDGE and MASK_KIND == _NO_MASK and not HAS_SOFTCAP:
+            # Plain full tile: the scale rides on the row max and on one FMA before exp2.
+            x = tl.dot(q, kT, input_precision=PREC)  # [BLOCK_M, BLOCK_N]
+            m_new = tl.maximum(m_i, tl.max(x, 1) * (scale * _LOG2E))  # [BLOCK_M]
+            m_safe = m_new
+            p = tl.math.exp2(x * (scale * _LOG2E) - m_new[:, None])  # [BLOCK_M, BLOCK_N]
+        else:
+            s, _ = _scores2(q, kT, scale, softcap, PREC, HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
+            s = _user_mask(s, offs_m[:, None], offs_n[None, :], Mask, smm, smn, NQ, NK, fill2,
+                           MASK_KIND)
+            if EDGE:
+                s = _band(s, offs_m[:, None], offs_n[None, :], NK, offset, left, right)
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # [BLOCK_M]
+            # A row with no key so far has m = -inf: subtract 0 instead, so p = 0, not NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
+        alpha = tl.math.exp2(m_i - m_safe)  # [BLOCK_M]
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _operand(tl.load(V + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                             mask=(offs_n[:, None] < NK) & (offs_dv[None, :] < DV), other=0.0),
-                     EMU_BF16)  # [BLOCK_N, BLOCK_DV]
+        if USE_DESC:
+            v = desc_v.load([b32, hk32, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
+        else:
+            v = _load(V, offs_n, offs_dv, svn, NK, DV, EDGE, DV != BLOCK_DV)
+        v = _operand(v, EMU_BF16)  # [BLOCK_N, BLOCK_DV]
+        if DROPOUT:  # l keeps every p (the softmax's denominator); acc only the kept ones
+            p = tl.where(_dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], drop_p), p, 0.0)
         acc = acc * alpha[:, None]  # [BLOCK_M, BLOCK_DV]
         acc = tl.dot(_lowp(p, v, EMU_BF16), v, acc, input_precision=PREC)
         m_i = m_new
@@ -186,112 +288,143 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, Mask, offs_m, offs_d, offs_dv, lo, hi,
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Mask, Out, Lse,
-                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                smb, smh, smm, smn, sob, soh, som, sod, slb, slh, slm,
-                GROUP, NQ, NK, D, DV, scale, fill, offset, softcap, NQ_BUCKET, NK_BUCKET,
-                MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                EMU_BF16: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _fwd_kernel(Q, K, V, Mask, Out, Lse, Seed, desc_q, desc_k, desc_v, desc_o,
+                sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, smb, smh, smm, smn,
+                sob, soh, som, slb, slh, slm,
+                HQ, GROUP, NQ, NK, scale, fill2, offset, left, right, softcap, drop_p, keep_scale,
+                NQ_BUCKET, NK_BUCKET, BANDED, DESC_OK,
+                D: tl.constexpr, DV: tl.constexpr, MASK_KIND: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, FOLD_SCALE: tl.constexpr,
+                PREC: tl.constexpr, EMU_BF16: tl.constexpr, USE_DESC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_DV: tl.constexpr):
     """out and lse for one query block of one query head."""
-    start_m = tl.program_id(0) * BLOCK_M
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    hk = h // GROUP  # GQA: the kv head this query head reads
+    # Last query blocks first: under a causal band they have the most keys (shortest tail).
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    h32 = tl.program_id(1)
+    b32 = tl.program_id(2)
+    hk32 = h32 // GROUP  # GQA: the kv head this query head reads
+    h = h32.to(tl.int64)
+    b = b32.to(tl.int64)
+    hk = hk32.to(tl.int64)
+    bh = b32 * HQ + h32
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _operand(tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                         mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < D), other=0.0),
-                 EMU_BF16)  # [BLOCK_M, BLOCK_D]
+    if USE_DESC:
+        q = desc_q.load([b32, h32, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+    else:
+        q = _load(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, NQ, D, True, D != BLOCK_D)
+    q = _operand(q, EMU_BF16)  # [BLOCK_M, BLOCK_D]
+    seed = tl.load(Seed) if DROPOUT else 0
     K += b * skb + hk * skh
     V += b * svb + hk * svh
     Mask += b * smb + h * smh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    lo, hi = _key_range(start_m, NK, offset, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, Mask, offs_m, offs_d, offs_dv, 0, lo,
-                               skn, skd, svn, svd, smm, smn, NQ, NK, D, DV, scale, fill,
-                               offset, softcap, MASK_KIND, False, PREC, EMU_BF16, HAS_SOFTCAP,
-                               BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, Mask, offs_m, offs_d, offs_dv, lo, hi,
-                               skn, skd, svn, svd, smm, smn, NQ, NK, D, DV, scale, fill,
-                               offset, softcap, MASK_KIND, CAUSAL, PREC, EMU_BF16, HAS_SOFTCAP,
-                               BLOCK_N)
+    t0, f0, f1, t1 = _key_tiles(start_m, NK, offset, left, right, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, desc_k, desc_v, Mask, seed, bh, b32, hk32,
+                               offs_m, f0, f1, skn, svn, smm, smn, NQ, NK, scale, fill2, offset,
+                               left, right, softcap, drop_p, False, MASK_KIND, DROPOUT,
+                               FOLD_SCALE, PREC, EMU_BF16, HAS_SOFTCAP, USE_DESC, BLOCK_N, D, DV,
+                               BLOCK_D, BLOCK_DV)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, desc_k, desc_v, Mask, seed, bh, b32, hk32,
+                               offs_m, t0, f0, skn, svn, smm, smn, NQ, NK, scale, fill2, offset,
+                               left, right, softcap, drop_p, True, MASK_KIND, DROPOUT,
+                               FOLD_SCALE, PREC, EMU_BF16, HAS_SOFTCAP, USE_DESC, BLOCK_N, D, DV,
+                               BLOCK_D, BLOCK_DV)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, desc_k, desc_v, Mask, seed, bh, b32, hk32,
+                               offs_m, f1, t1, skn, svn, smm, smn, NQ, NK, scale, fill2, offset,
+                               left, right, softcap, drop_p, True, MASK_KIND, DROPOUT,
+                               FOLD_SCALE, PREC, EMU_BF16, HAS_SOFTCAP, USE_DESC, BLOCK_N, D, DV,
+                               BLOCK_D, BLOCK_DV)
     empty = l_i == 0.0  # no key at all: out = 0, lse = -inf
     l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]  # [BLOCK_M, BLOCK_DV]
-    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe) * _LN2)  # [BLOCK_M]
-    tl.store(Out + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
-             _for_store(out, Out, EMU_BF16), mask=(offs_m[:, None] < NQ) & (offs_dv[None, :] < DV))
+    out = acc * (keep_scale / l_safe)[:, None]  # [BLOCK_M, BLOCK_DV]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)  # [BLOCK_M]
+    if USE_DESC:  # TMA clips the rows past Nq
+        desc_o.store([b32, h32, start_m, 0],
+                     _for_store(out, Out, EMU_BF16).reshape(1, 1, BLOCK_M, BLOCK_DV))
+    else:
+        ptrs = Out + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :]
+        tl.store(ptrs, _for_store(out, Out, EMU_BF16),
+                 mask=(offs_m[:, None] < NQ) & (offs_dv[None, :] < DV))
     tl.store(Lse + b * slb + h * slh + offs_m * slm, lse, mask=offs_m < NQ)
 
 
 # ----------------------------------------------------------------------------- backward
 
 @triton.jit
-def _bwd_preprocess(Out, DO, Delta, sob, soh, som, sod, sdb, sdh, sdm, sdd, NQ, DV,
+def _bwd_preprocess(Out, DO, Delta, sob, soh, som, sdb, sdh, sdm, NQ, DV,
                     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
     """δ = rowsum(dO ∘ out) in fp32, stored contiguous [B, Hq, Nq]."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     offs_dv = tl.arange(0, BLOCK_DV)
-    valid = (offs_m[:, None] < NQ) & (offs_dv[None, :] < DV)
-    o = tl.load(Out + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
-                mask=valid, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_DV]
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_dv[None, :] * sdd,
-                 mask=valid, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_DV]
+    o = _load(Out + b * sob + h * soh, offs_m, offs_dv, som, NQ, DV, True, True).to(tl.float32)
+    do = _load(DO + b * sdb + h * sdh, offs_m, offs_dv, sdm, NQ, DV, True, True).to(tl.float32)
     row = (b * tl.num_programs(1) + h) * NQ
     tl.store(Delta + row + offs_m, tl.sum(o * do, 1), mask=offs_m < NQ)
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, Mask, offs_n, offs_d, offs_dv, lo, hi,
-                sqm, sqd, sdm, sdd, slm, smm, smn, NQ, NK, D, DV, scale, fill, offset, softcap,
-                MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                EMU_BF16: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Accumulate dk, dv of one key block over the query blocks [lo, hi) of one query head."""
+def _dkdv_tiles(dk, dv, k, v, Q, DO, Lse, Delta, Mask, seed, bh, offs_n, lo, hi,
+                sqm, sdm, slm, smm, smn, NQ, NK, scale, fill2, offset, left, right, softcap,
+                drop_p, keep_scale, EDGE: tl.constexpr, MASK_KIND: tl.constexpr,
+                DROPOUT: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
+                DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Accumulate dk, dv of one key block over the query tiles [lo, hi) of one query head."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         in_m = offs_m < NQ
-        qT = _operand(tl.load(Q + offs_m[None, :] * sqm + offs_d[:, None] * sqd,
-                              mask=in_m[None, :] & (offs_d[:, None] < D), other=0.0),
-                      EMU_BF16)  # [BLOCK_D, BLOCK_M]
-        sT, dtT = _scaled_scores(k, qT, scale, softcap, PREC, HAS_SOFTCAP)  # [BLOCK_N, BLOCK_M]
-        sT = _mask_scores(sT, offs_m[None, :], offs_n[:, None], Mask, smm, smn, NQ, NK, offset,
-                          fill, MASK_KIND, CAUSAL)
+        q = _operand(_load(Q, offs_m, offs_d, sqm, NQ, D, EDGE, D != BLOCK_D),
+                     EMU_BF16)  # [BLOCK_M, BLOCK_D]
+        sT, dtT = _scores2(k, tl.trans(q), scale, softcap, PREC, HAS_SOFTCAP)  # [BLOCK_N, BLOCK_M]
+        sT = _user_mask(sT, offs_m[None, :], offs_n[:, None], Mask, smm, smn, NQ, NK, fill2,
+                        MASK_KIND)
+        if EDGE:
+            sT = _band(sT, offs_m[None, :], offs_n[:, None], NK, offset, left, right)
         lse2 = _load_lse2(Lse + offs_m * slm, in_m)  # [BLOCK_M]
-        # p <= 1 in exact arithmetic; the clamp stops rounding of a huge lse from giving inf.
-        pT = tl.math.exp2(tl.minimum(sT * _LOG2E - lse2[None, :], 0.0))  # [BLOCK_N, BLOCK_M]
-        do = _operand(tl.load(DO + offs_m[:, None] * sdm + offs_dv[None, :] * sdd,
-                              mask=in_m[:, None] & (offs_dv[None, :] < DV), other=0.0),
-                      EMU_BF16)  # [BLOCK_M, BLOCK_DV]
-        dv = tl.dot(_lowp(pT, do, EMU_BF16), do, dv, input_precision=PREC)  # [BLOCK_N, BLOCK_DV]
-        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)  # [BLOCK_N, BLOCK_M]
         delta = tl.load(Delta + offs_m, mask=in_m, other=0.0)  # [BLOCK_M]
+        # p <= 1 in exact arithmetic; the clamp stops rounding of a huge lse from giving inf.
+        pT = tl.math.exp2(tl.minimum(sT - lse2[None, :], 0.0))  # [BLOCK_N, BLOCK_M]
+        do = _operand(_load(DO, offs_m, offs_dv, sdm, NQ, DV, EDGE, DV != BLOCK_DV),
+                      EMU_BF16)  # [BLOCK_M, BLOCK_DV]
+        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)  # [BLOCK_N, BLOCK_M]
+        if DROPOUT:
+            keepT = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], drop_p)
+            pdT = tl.where(keepT, pT * keep_scale, 0.0)
+            dpT = tl.where(keepT, dpT * keep_scale, 0.0)
+        else:
+            pdT = pT
+        dv = tl.dot(_lowp(pdT, do, EMU_BF16), do, dv, input_precision=PREC)  # [BLOCK_N, BLOCK_DV]
         dsT = pT * (dpT - delta[None, :])  # [BLOCK_N, BLOCK_M]
         if MASK_KIND == _BOOL_MASK:  # filled scores are constants: probability but no gradient
-            dsT = tl.where(_keep(Mask, offs_m[None, :], offs_n[:, None], smm, smn,
-                                 in_m[None, :] & (offs_n[:, None] < NK)), dsT, 0.0)
+            dsT = tl.where(_keep_bool(Mask, offs_m[None, :], offs_n[:, None], smm, smn, NQ, NK),
+                           dsT, 0.0)
         if HAS_SOFTCAP:  # through the cap: d(softcap·tanh(x/softcap))/dx = 1 − t²
             dsT = dsT * dtT
-        dk = tl.dot(_lowp(dsT, qT, EMU_BF16), tl.trans(qT), dk,
-                    input_precision=PREC)  # [BLOCK_N, BLOCK_D]
+        dk = tl.dot(_lowp(dsT, q, EMU_BF16), q, dk, input_precision=PREC)  # [BLOCK_N, BLOCK_D]
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, Mask, DO, Lse, Delta, DK, DV_,
-                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                     smb, smh, smm, smn, sdb, sdh, sdm, sdd, slb, slh, slm,
-                     sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
-                     HQ, GROUP, NQ, NK, D, DV, scale, fill, offset, softcap, NQ_BUCKET,
-                     NK_BUCKET, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
-                     PREC: tl.constexpr, EMU_BF16: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_DV: tl.constexpr):
+def _bwd_dkdv_kernel(Q, K, V, Mask, DO, Lse, Delta, DK, DV_, Seed,
+                     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+                     smb, smh, smm, smn, sdb, sdh, sdm, slb, slh, slm,
+                     sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
+                     HQ, GROUP, NQ, NK, scale, fill2, offset, left, right, softcap, drop_p,
+                     keep_scale, NQ_BUCKET, NK_BUCKET, BANDED,
+                     D: tl.constexpr, DV: tl.constexpr, MASK_KIND: tl.constexpr,
+                     HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+                     EMU_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """dk, dv for one key block of one kv head, summed over its G query heads (no atomics)."""
     start_n = tl.program_id(0) * BLOCK_N
     hk = tl.program_id(1).to(tl.int64)
@@ -299,120 +432,144 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, DO, Lse, Delta, DK, DV_,
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = _operand(tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                         mask=(offs_n[:, None] < NK) & (offs_d[None, :] < D), other=0.0),
+    k = _operand(_load(K + b * skb + hk * skh, offs_n, offs_d, skn, NK, D, True, D != BLOCK_D),
                  EMU_BF16)  # [BLOCK_N, BLOCK_D]
-    v = _operand(tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                         mask=(offs_n[:, None] < NK) & (offs_dv[None, :] < DV), other=0.0),
-                 EMU_BF16)  # [BLOCK_N, BLOCK_DV]
+    v = _operand(_load(V + b * svb + hk * svh, offs_n, offs_dv, svn, NK, DV, True,
+                       DV != BLOCK_DV), EMU_BF16)  # [BLOCK_N, BLOCK_DV]
+    seed = tl.load(Seed) if DROPOUT else 0
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    # Query blocks [lo, mid) cross the causal band of this key block; [mid, NQ) are fully inside.
-    if CAUSAL:
-        lo = tl.maximum(start_n - offset, 0) // BLOCK_M * BLOCK_M
-        mid = tl.maximum(start_n + BLOCK_N - 1 - offset, 0)
-        mid = tl.minimum((mid + BLOCK_M - 1) // BLOCK_M * BLOCK_M, NQ)
-        lo = tl.minimum(lo, mid)
-    else:
-        lo = 0
-        mid = 0
+    t0, f0, f1, t1 = _query_tiles(start_n, NQ, NK, offset, left, right, BLOCK_M, BLOCK_N)
     for g in range(0, GROUP):  # sum over the query heads sharing this kv head
         h = hk * GROUP + g
+        bh = (b * HQ + h).to(tl.int32)
         Qh = Q + b * sqb + h * sqh
         DOh = DO + b * sdb + h * sdh
         Lseh = Lse + b * slb + h * slh
         Deltah = Delta + (b * HQ + h) * NQ
         Maskh = Mask + b * smb + h * smh
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, Lseh, Deltah, Maskh, offs_n, offs_d, offs_dv,
-                             lo, mid, sqm, sqd, sdm, sdd, slm, smm, smn, NQ, NK, D, DV, scale,
-                             fill, offset, softcap, MASK_KIND, CAUSAL, PREC, EMU_BF16,
-                             HAS_SOFTCAP, BLOCK_M)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, Lseh, Deltah, Maskh, offs_n, offs_d, offs_dv,
-                             mid, NQ, sqm, sqd, sdm, sdd, slm, smm, smn, NQ, NK, D, DV, scale,
-                             fill, offset, softcap, MASK_KIND, False, PREC, EMU_BF16,
-                             HAS_SOFTCAP, BLOCK_M)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, Lseh, Deltah, Maskh, seed, bh, offs_n, f0, f1,
+                             sqm, sdm, slm, smm, smn, NQ, NK, scale, fill2, offset, left, right,
+                             softcap, drop_p, keep_scale, False, MASK_KIND, DROPOUT, PREC,
+                             EMU_BF16, HAS_SOFTCAP, BLOCK_M, D, DV, BLOCK_D, BLOCK_DV)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, Lseh, Deltah, Maskh, seed, bh, offs_n, t0, f0,
+                             sqm, sdm, slm, smm, smn, NQ, NK, scale, fill2, offset, left, right,
+                             softcap, drop_p, keep_scale, True, MASK_KIND, DROPOUT, PREC,
+                             EMU_BF16, HAS_SOFTCAP, BLOCK_M, D, DV, BLOCK_D, BLOCK_DV)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, Lseh, Deltah, Maskh, seed, bh, offs_n, f1, t1,
+                             sqm, sdm, slm, smm, smn, NQ, NK, scale, fill2, offset, left, right,
+                             softcap, drop_p, keep_scale, True, MASK_KIND, DROPOUT, PREC,
+                             EMU_BF16, HAS_SOFTCAP, BLOCK_M, D, DV, BLOCK_D, BLOCK_DV)
     dk = dk * scale
-    tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+    tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
              _for_store(dk, DK, EMU_BF16), mask=(offs_n[:, None] < NK) & (offs_d[None, :] < D))
-    tl.store(DV_ + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :] * sdvd,
+    tl.store(DV_ + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :],
              _for_store(dv, DV_, EMU_BF16), mask=(offs_n[:, None] < NK) & (offs_dv[None, :] < DV))
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse2, delta, K, V, Mask, DS, offs_m, offs_d, offs_dv, lo, hi,
-              skn, skd, svn, svd, smm, smn, sdsm, NQ, NK, D, DV, scale, fill, offset, softcap,
-              MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-              EMU_BF16: tl.constexpr, WRITE_DS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-              BLOCK_N: tl.constexpr):
-    """Accumulate dq of one query block over the key blocks [lo, hi)."""
+def _dq_tiles(dq, q, do, lse2, delta, K, V, Mask, DS, seed, bh, offs_m, lo, hi,
+              skn, svn, smm, smn, sdsm, NQ, NK, scale, fill2, offset, left, right, softcap,
+              drop_p, keep_scale, EDGE: tl.constexpr, MASK_KIND: tl.constexpr,
+              DROPOUT: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr,
+              WRITE_DS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Accumulate dq of one query block over the key tiles [lo, hi)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kT = _operand(tl.load(K + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                              mask=(offs_n[None, :] < NK) & (offs_d[:, None] < D), other=0.0),
-                      EMU_BF16)  # [BLOCK_D, BLOCK_N]
-        vT = _operand(tl.load(V + offs_n[None, :] * svn + offs_dv[:, None] * svd,
-                              mask=(offs_n[None, :] < NK) & (offs_dv[:, None] < DV), other=0.0),
-                      EMU_BF16)  # [BLOCK_DV, BLOCK_N]
-        s, dt = _scaled_scores(q, kT, scale, softcap, PREC, HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
-        s = _mask_scores(s, offs_m[:, None], offs_n[None, :], Mask, smm, smn, NQ, NK, offset,
-                         fill, MASK_KIND, CAUSAL)
-        p = tl.math.exp2(tl.minimum(s * _LOG2E - lse2[:, None], 0.0))  # [BLOCK_M, BLOCK_N]
-        dp = tl.dot(do, vT, input_precision=PREC)  # [BLOCK_M, BLOCK_N]
+        k = _operand(_load(K, offs_n, offs_d, skn, NK, D, EDGE, D != BLOCK_D),
+                     EMU_BF16)  # [BLOCK_N, BLOCK_D]
+        v = _operand(_load(V, offs_n, offs_dv, svn, NK, DV, EDGE, DV != BLOCK_DV),
+                     EMU_BF16)  # [BLOCK_N, BLOCK_DV]
+        s, dt = _scores2(q, tl.trans(k), scale, softcap, PREC, HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
+        s = _user_mask(s, offs_m[:, None], offs_n[None, :], Mask, smm, smn, NQ, NK, fill2,
+                       MASK_KIND)
+        if EDGE:
+            s = _band(s, offs_m[:, None], offs_n[None, :], NK, offset, left, right)
+        p = tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0))  # [BLOCK_M, BLOCK_N]
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # [BLOCK_M, BLOCK_N]
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], drop_p)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])  # [BLOCK_M, BLOCK_N]
         if MASK_KIND == _BOOL_MASK:  # filled scores are constants: probability but no gradient
-            ds = tl.where(_keep(Mask, offs_m[:, None], offs_n[None, :], smm, smn,
-                                (offs_m[:, None] < NQ) & (offs_n[None, :] < NK)), ds, 0.0)
+            ds = tl.where(_keep_bool(Mask, offs_m[:, None], offs_n[None, :], smm, smn, NQ, NK),
+                          ds, 0.0)
         if WRITE_DS:  # the additive mask's gradient: dS of the capped scores
             tl.store(DS + offs_m[:, None] * sdsm + offs_n[None, :], ds,
                      mask=(offs_m[:, None] < NQ) & (offs_n[None, :] < NK))
         if HAS_SOFTCAP:  # through the cap: d(softcap·tanh(x/softcap))/dx = 1 − t²
             ds = ds * dt
-        dq = tl.dot(_lowp(ds, kT, EMU_BF16), tl.trans(kT), dq,
-                    input_precision=PREC)  # [BLOCK_M, BLOCK_D]
+        dq = tl.dot(_lowp(ds, k, EMU_BF16), k, dq, input_precision=PREC)  # [BLOCK_M, BLOCK_D]
     return dq
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, Mask, DO, Lse, Delta, DQ, DS,
-                   sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                   smb, smh, smm, smn, sdb, sdh, sdm, sdd, slb, slh, slm,
-                   sdqb, sdqh, sdqm, sdqd, sdsb, sdsh, sdsm,
-                   GROUP, NQ, NK, D, DV, scale, fill, offset, softcap, NQ_BUCKET, NK_BUCKET,
-                   MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                   EMU_BF16: tl.constexpr, WRITE_DS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_DV: tl.constexpr):
+def _bwd_dq_kernel(Q, K, V, Mask, DO, Lse, Delta, DQ, DS, Seed,
+                   sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+                   smb, smh, smm, smn, sdb, sdh, sdm, slb, slh, slm,
+                   sdqb, sdqh, sdqm, sdsb, sdsh, sdsm,
+                   HQ, GROUP, NQ, NK, scale, fill2, offset, left, right, softcap, drop_p,
+                   keep_scale, NQ_BUCKET, NK_BUCKET, BANDED,
+                   D: tl.constexpr, DV: tl.constexpr, MASK_KIND: tl.constexpr,
+                   HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+                   EMU_BF16: tl.constexpr, WRITE_DS: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """dq for one query block of one query head; with WRITE_DS also dS into an fp32 buffer."""
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     hk = h // GROUP
+    bh = (b * HQ + h).to(tl.int32)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     in_m = offs_m < NQ
-    q = _operand(tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                         mask=in_m[:, None] & (offs_d[None, :] < D), other=0.0),
+    q = _operand(_load(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, NQ, D, True, D != BLOCK_D),
                  EMU_BF16)  # [BLOCK_M, BLOCK_D]
-    do = _operand(tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_dv[None, :] * sdd,
-                          mask=in_m[:, None] & (offs_dv[None, :] < DV), other=0.0),
-                  EMU_BF16)  # [BLOCK_M, BLOCK_DV]
+    do = _operand(_load(DO + b * sdb + h * sdh, offs_m, offs_dv, sdm, NQ, DV, True,
+                        DV != BLOCK_DV), EMU_BF16)  # [BLOCK_M, BLOCK_DV]
     lse2 = _load_lse2(Lse + b * slb + h * slh + offs_m * slm, in_m)  # [BLOCK_M]
-    delta = tl.load(Delta + (b * tl.num_programs(1) + h) * NQ + offs_m, mask=in_m, other=0.0)
+    delta = tl.load(Delta + (b * HQ + h) * NQ + offs_m, mask=in_m, other=0.0)
+    seed = tl.load(Seed) if DROPOUT else 0
     K += b * skb + hk * skh
     V += b * svb + hk * svh
     Mask += b * smb + h * smh
     DS += b * sdsb + h * sdsh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _key_range(start_m, NK, offset, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse2, delta, K, V, Mask, DS, offs_m, offs_d, offs_dv, 0, lo,
-                   skn, skd, svn, svd, smm, smn, sdsm, NQ, NK, D, DV, scale, fill, offset,
-                   softcap, MASK_KIND, False, PREC, EMU_BF16, WRITE_DS, HAS_SOFTCAP, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse2, delta, K, V, Mask, DS, offs_m, offs_d, offs_dv, lo, hi,
-                   skn, skd, svn, svd, smm, smn, sdsm, NQ, NK, D, DV, scale, fill, offset,
-                   softcap, MASK_KIND, CAUSAL, PREC, EMU_BF16, WRITE_DS, HAS_SOFTCAP, BLOCK_N)
-    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
+    t0, f0, f1, t1 = _key_tiles(start_m, NK, offset, left, right, BLOCK_M, BLOCK_N)
+    dq = _dq_tiles(dq, q, do, lse2, delta, K, V, Mask, DS, seed, bh, offs_m, f0, f1,
+                   skn, svn, smm, smn, sdsm, NQ, NK, scale, fill2, offset, left, right, softcap,
+                   drop_p, keep_scale, False, MASK_KIND, DROPOUT, PREC, EMU_BF16, WRITE_DS,
+                   HAS_SOFTCAP, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV)
+    dq = _dq_tiles(dq, q, do, lse2, delta, K, V, Mask, DS, seed, bh, offs_m, t0, f0,
+                   skn, svn, smm, smn, sdsm, NQ, NK, scale, fill2, offset, left, right, softcap,
+                   drop_p, keep_scale, True, MASK_KIND, DROPOUT, PREC, EMU_BF16, WRITE_DS,
+                   HAS_SOFTCAP, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV)
+    dq = _dq_tiles(dq, q, do, lse2, delta, K, V, Mask, DS, seed, bh, offs_m, f1, t1,
+                   skn, svn, smm, smn, sdsm, NQ, NK, scale, fill2, offset, left, right, softcap,
+                   drop_p, keep_scale, True, MASK_KIND, DROPOUT, PREC, EMU_BF16, WRITE_DS,
+                   HAS_SOFTCAP, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV)
+    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
              _for_store(dq * scale, DQ, EMU_BF16), mask=in_m[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _dropout_mask_kernel(Keep, Seed, HQ, NQ, NK, drop_p, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    """The keep mask the kernels above draw, materialised as uint8 [B, Hq, Nq, Nk] (tests)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1)
+    seed = tl.load(Seed)
+    base = Keep + bh.to(tl.int64) * NQ * NK
+    for start_n in range(0, NK, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], drop_p)
+        tl.store(base + offs_m[:, None] * NK + offs_n[None, :], keep.to(tl.uint8),
+                 mask=(offs_m[:, None] < NQ) & (offs_n[None, :] < NK))
 
 
 # ----------------------------------------------------------------------------- launch configs
@@ -427,36 +584,140 @@ def _is_interpreted(kernel: object) -> bool:
 
 
 _INTERPRET = _is_interpreted(_fwd_kernel)
-# Autotuning keys: sequence lengths by power-of-two bucket, so a new length rarely retunes.
-_TUNE_KEY = ["NQ_BUCKET", "NK_BUCKET", "D", "DV", "MASK_KIND", "CAUSAL", "HAS_SOFTCAP"]
-# Under the interpreter blocks are tiny so that tests cover many blocks quickly.
+# Autotuning keys: lengths by power-of-two bucket (a new length rarely retunes), banded or not
+# (causal and windows favour smaller query blocks), and whether TMA descriptors are usable.
+_TUNE_KEY = ["NQ_BUCKET", "NK_BUCKET", "BANDED", "DESC_OK", "D", "DV", "MASK_KIND", "HAS_SOFTCAP",
+             "DROPOUT"]
+# Under the interpreter blocks are tiny so that tests cover many tiles quickly. Tests may set
+# INTERPRET_DESC to run the forward's tensor-descriptor loads through the interpreter too.
 _INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
+INTERPRET_DESC = False
 _PREPROCESS_BLOCK_M = 16 if _INTERPRET else 64
 
 
-def _cfg(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps,
-                         num_stages=stages)
+def _desc_blocks(nargs: dict) -> None:
+    """Autotuner pre-hook: give the tensor descriptors this config's tile shapes."""
+    shapes = {"desc_q": (nargs["BLOCK_M"], nargs["BLOCK_D"]),
+              "desc_k": (nargs["BLOCK_N"], nargs["BLOCK_D"]),
+              "desc_v": (nargs["BLOCK_N"], nargs["BLOCK_DV"]),
+              "desc_o": (nargs["BLOCK_M"], nargs["BLOCK_DV"])}
+    for name, (rows, cols) in shapes.items():
+        if TensorDescriptor is not None and isinstance(nargs.get(name), TensorDescriptor):
+            nargs[name].block_shape = [1, 1, rows, cols]
 
 
-# Hopper-oriented candidates; configs that overflow shared memory (large D, fp32) fail to compile
-# and the autotuner skips them, so each list ends with a small config that always fits.
-# Pruned to three per kernel: every new (length bucket, D, mask, causal) key compiles and times
-# each candidate, so a long list costs minutes of first-call latency per shape.
-_FWD_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(128, 32, 8, 2), _cfg(32, 32, 4, 1)]
-_DKDV_CONFIGS = [_cfg(32, 64, 4, 2), _cfg(64, 64, 8, 2), _cfg(16, 32, 4, 1)]
-_DQ_CONFIGS = [_cfg(64, 32, 4, 2), _cfg(128, 64, 8, 2), _cfg(32, 16, 4, 1)]
+def _cfg(block_m: int, block_n: int, warps: int, stages: int,
+         desc: Optional[bool] = None) -> triton.Config:
+    """A launch config; ``desc`` (forward only) picks TMA descriptor loads."""
+    kwargs = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+    if desc is not None:
+        kwargs["USE_DESC"] = desc
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages,
+                         pre_hook=_desc_blocks if desc else None)
 
 
-def _tuned(kernel: object, configs: list[triton.Config]) -> object:
+# Candidates measured on an H100 (benchmarks/RESULTS.md, benchmarks/explore_fwd.py): 128x128 tiles
+# with 8 warps lead on long unmasked rows at D=128, 64x64 with 4 warps and TMA loads on banded
+# (causal, windowed) rows, 128x64 at D <= 64; wide heads (D > 128) and fp32 need small tiles.
+# ``_pruner`` keeps three per situation: every new autotuning key compiles and times each
+# candidate on its first call, and each compile of these kernels costs seconds. With
+# ATTNFUSE_FLASH_AUTOTUNE=0 the always-fitting last candidate runs untimed (checks, quick starts).
+_FWD_CONFIGS = {
+    "narrow": [_cfg(128, 64, 8, 3, False), _cfg(128, 64, 8, 4, False), _cfg(64, 64, 4, 2, False)],
+    "plain": [_cfg(128, 128, 8, 3, False), _cfg(128, 128, 8, 3, True), _cfg(64, 64, 4, 2, False)],
+    "banded": [_cfg(64, 64, 4, 3, True), _cfg(128, 128, 8, 3, True), _cfg(64, 64, 4, 2, False)],
+    "masked": [_cfg(128, 128, 8, 2, False), _cfg(128, 64, 8, 3, False), _cfg(64, 64, 4, 2, False)],
+    "wide": [_cfg(64, 64, 4, 2, False), _cfg(128, 64, 8, 2, False), _cfg(32, 32, 4, 1, False)],
+}
+_DKDV_CONFIGS = {"narrow": [_cfg(64, 128, 8, 3), _cfg(64, 128, 8, 2), _cfg(32, 64, 4, 2)],
+                 "masked": [_cfg(64, 64, 4, 3), _cfg(32, 128, 4, 3), _cfg(32, 64, 4, 2)],
+                 "wide": [_cfg(64, 64, 8, 2), _cfg(32, 64, 4, 2), _cfg(16, 32, 4, 1)]}
+_DQ_CONFIGS = {"narrow": [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 2)],
+               "masked": [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2)],
+               "wide": [_cfg(64, 64, 8, 2), _cfg(64, 32, 4, 2), _cfg(32, 16, 4, 1)]}
+_AUTOTUNE = os.environ.get("ATTNFUSE_FLASH_AUTOTUNE", "1") != "0"
+
+
+def _situation(args: dict, forward: bool) -> str:
+    """Which candidate list applies: wide heads or fp32; a mask tile (it is pipelined too, so
+    large tiles overflow shared memory); else (forward) banded / D <= 64 / plain."""
+    if max(args["BLOCK_D"], args["BLOCK_DV"]) > 128 or args["PREC"] == "ieee":
+        return "wide"
+    if args["MASK_KIND"] != _NO_MASK.value:
+        return "masked"
+    if not forward:
+        return "narrow"
+    if args.get("BANDED"):
+        return "banded"
+    return "narrow" if args["BLOCK_D"] <= 64 else "plain"
+
+
+def _pruner(table: dict, forward: bool):
+    def prune(configs: list, named_args: dict, **kwargs) -> list:
+        """The situation's two leading candidates and its always-fitting last one, without TMA
+        configs when descriptors are unusable; just the last one without autotuning."""
+        args = {**named_args, **kwargs}
+        keep = [c for c in table[_situation(args, forward)]
+                if args.get("DESC_OK") or not c.kwargs.get("USE_DESC")]
+        if not _AUTOTUNE:
+            return keep[-1:]
+        return keep[:2] + [c for c in keep[-1:] if c not in keep[:2]]
+    return prune
+
+
+def _tuned(kernel: object, table: dict, forward: bool = False) -> object:
     """Autotuned on GPUs; plain (fixed small blocks) under the interpreter, where timing is moot."""
-    return kernel if _INTERPRET else triton.autotune(configs=configs, key=_TUNE_KEY)(kernel)
+    if _INTERPRET:
+        return kernel
+    configs = [c for cands in table.values() for c in cands]
+    return triton.autotune(configs=configs, key=_TUNE_KEY,
+                           prune_configs_by={"early_config_prune": _pruner(table, forward)})(kernel)
 
 
-_fwd = _tuned(_fwd_kernel, _FWD_CONFIGS)
+_fwd = _tuned(_fwd_kernel, _FWD_CONFIGS, forward=True)
 _dkdv = _tuned(_bwd_dkdv_kernel, _DKDV_CONFIGS)
 _dq = _tuned(_bwd_dq_kernel, _DQ_CONFIGS)
-_BLOCKS = _INTERPRET_BLOCKS if _INTERPRET else {}
+# The config each autotuning key settled on, so launches under CUDA-graph capture (where the
+# autotuner cannot time anything) reuse it; a key never tuned uses its situation's safe config.
+_CHOSEN: dict[tuple, triton.Config] = {}
+_TABLES = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _arg_names(kernel: object) -> list[str]:
+    names = getattr(kernel, "arg_names", None)
+    if names is None:  # the interpreter's wrapper keeps the python function
+        import inspect
+        names = list(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
+    return list(names)
+
+
+def _launch(name: str, tuned: object, grid, args: tuple, kwargs: dict) -> None:
+    """Launch an autotuned kernel; record its choice; under graph capture replay that choice."""
+    if _INTERPRET:
+        blocks = dict(_INTERPRET_BLOCKS)
+        if name == "fwd":
+            blocks["USE_DESC"] = bool(kwargs.get("DESC_OK")) and INTERPRET_DESC
+            if blocks["USE_DESC"]:
+                _desc_blocks({**dict(zip(_arg_names(tuned), args)), **kwargs, **blocks})
+        tuned[grid](*args, **kwargs, **blocks)
+        return
+    key = (name, str(args[0].dtype), args[0].device.index,
+           *(kwargs[k] if k in kwargs else None for k in _TUNE_KEY))
+    if _capturing(args[0]):
+        config = _CHOSEN.get(key) or _TABLES[name][_situation(kwargs, name == "fwd")][-1]
+        meta = config.all_kwargs()
+        if config.pre_hook is not None:
+            config.pre_hook({**dict(zip(_arg_names(tuned.fn), args)), **kwargs, **meta})
+        tuned.fn[grid](*args, **kwargs, **meta)
+        return
+    tuned[grid](*args, **kwargs)
+    best = getattr(tuned, "best_config", None)
+    if best is not None:
+        _CHOSEN[key] = best
 
 
 # ----------------------------------------------------------------------------- host helpers
@@ -520,6 +781,30 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
         raise ValueError("flash attention cannot run these inputs: " + "; ".join(reasons))
 
 
+def _check_window(window) -> tuple[int, int]:
+    """``(left, right)`` as ints, -1 = unbounded; ValueError otherwise."""
+    try:
+        left, right = window
+        ok = all(isinstance(x, int) and not isinstance(x, bool) and x >= -1 for x in (left, right))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"window: expected (left, right) ints >= 0, or -1 for an unbounded side, "
+                         f"got {window!r}")
+    return left, right
+
+
+def _check_dropout(dropout_p: float, seed: Optional[torch.Tensor], q: torch.Tensor) -> float:
+    p = float(dropout_p)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout_p: expected a probability in [0, 1], got {dropout_p!r}")
+    if p > 0.0 and (not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64
+                    or seed.numel() < 1 or seed.device != q.device):
+        raise ValueError(f"dropout_p={p} needs seed: an int64 tensor of shape [1] on {q.device} "
+                         f"(e.g. torch.randint(0, 2**62, (1,), device=q.device)), got {seed!r}")
+    return p
+
+
 def _mask_args(mask: Optional[torch.Tensor], dummy: torch.Tensor
                ) -> tuple[torch.Tensor, tuple[int, int, int, int], int]:
     """(tensor to read, strides with 0 on broadcast dims, mask kind); bool is read as uint8."""
@@ -531,10 +816,12 @@ def _mask_args(mask: Optional[torch.Tensor], dummy: torch.Tensor
     return mask, strides, _ADD_MASK.value
 
 
-def _clamp_fill(mask_fill: float) -> float:
-    """A finite fill stays finite in s·log2e (see _MIN_SCORE); ±inf passes through."""
+def _fill2(mask_fill: float) -> float:
+    """The bool-mask fill in base 2; a finite fill stays finite (see _MIN_SCORE2); ±inf pass."""
     fill = float(mask_fill)
-    return fill if not math.isfinite(fill) else max(_MIN_SCORE_F, min(-_MIN_SCORE_F, fill))
+    if not math.isfinite(fill):
+        return fill
+    return max(_MIN_SCORE2_F, min(-_MIN_SCORE2_F, fill * _LOG2E_F))
 
 
 def _block(n: int) -> int:
@@ -547,18 +834,61 @@ def _device_ctx(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+_TMA_DEVICES: dict[int, bool] = {}
+
+
+def _has_tma(t: torch.Tensor) -> bool:
+    """Hopper or newer (TMA), where the forward may load through tensor descriptors."""
+    if _INTERPRET:
+        return INTERPRET_DESC
+    if not t.is_cuda:
+        return False
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if index not in _TMA_DEVICES:
+        _TMA_DEVICES[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return _TMA_DEVICES[index]
+
+
+def _descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
+                 ) -> tuple[tuple, bool]:
+    """4-D TMA descriptors for q, k, v, out when the hardware and every layout allow them (16-byte
+    aligned base and strides, power-of-two head dims), else the tensors themselves."""
+    tensors = (q, k, v, out)
+    usable = (TensorDescriptor is not None and q.dtype in (torch.float16, torch.bfloat16)
+              and q.shape[-1] == _block(q.shape[-1]) and v.shape[-1] == _block(v.shape[-1])
+              and _has_tma(q))
+    for t in tensors if usable else ():
+        size = t.element_size()
+        usable = usable and (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+                             and all(s > 0 and s * size % 16 == 0 for s in t.stride()[:-1]))
+    if not usable:
+        return tensors, False
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, t.shape[-1]])
+                 for t in tensors), True
+
+
 def _common(q: torch.Tensor, k: torch.Tensor, scale: Optional[float], causal: str,
-            mask_fill: float, softcap: float) -> dict:
+            mask_fill: float, softcap: float, window: tuple[int, int], dropout_p: float) -> dict:
     """Kernel arguments shared by the forward and both backward kernels."""
     nq, nk, d = q.shape[2], k.shape[2], q.shape[3]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    return dict(GROUP=q.shape[1] // k.shape[1], NQ=nq, NK=nk, D=d, scale=scale,
-                fill=_clamp_fill(mask_fill), offset=nk - nq if causal == "bottom_right" else 0,
-                softcap=softcap, HAS_SOFTCAP=softcap > 0.0,
+    left = _UNBOUNDED if window[0] < 0 else min(window[0], _UNBOUNDED)
+    right = _UNBOUNDED if window[1] < 0 else min(window[1], _UNBOUNDED)
+    if causal != "none":  # causal is the band's right edge on the diagonal
+        right = 0
+    return dict(HQ=q.shape[1], GROUP=q.shape[1] // k.shape[1], NQ=nq, NK=nk, scale=scale,
+                fill2=_fill2(mask_fill), offset=nk - nq if causal == "bottom_right" else 0,
+                left=left, right=right, softcap=softcap, drop_p=dropout_p,
+                keep_scale=1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0,
                 NQ_BUCKET=triton.next_power_of_2(nq), NK_BUCKET=triton.next_power_of_2(nk),
-                CAUSAL=causal != "none", PREC="ieee" if q.dtype == torch.float32 else "tf32",
-                EMU_BF16=_INTERPRET and q.dtype == torch.bfloat16,
-                BLOCK_D=_block(d))
+                BANDED=int(left < _UNBOUNDED or right < _UNBOUNDED), D=d,
+                HAS_SOFTCAP=softcap > 0.0, DROPOUT=dropout_p > 0.0,
+                PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                EMU_BF16=_INTERPRET and q.dtype == torch.bfloat16, BLOCK_D=_block(d))
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
 # ----------------------------------------------------------------------------- public API
@@ -566,11 +896,18 @@ def _common(q: torch.Tensor, k: torch.Tensor, scale: Optional[float], causal: st
 def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
                   causal: str = "none", mask_fill: float = float("-inf"),
-                  softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                  softcap: float = 0.0, window: tuple[int, int] = (-1, -1),
+                  dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """out [B,Hq,Nq,Dv] in q.dtype (contiguous), lse [B,Hq,Nq] fp32 (natural log; -inf on empty
-    rows). ``scale=None`` means 1/sqrt(D); ``softcap > 0`` soft-caps the scores, 0 disables it.
-    Raises ValueError with ``supports``' reasons, or for a negative/NaN/inf softcap."""
+    rows). ``scale=None`` means 1/sqrt(D); ``softcap > 0`` soft-caps the scores, 0 disables it;
+    ``window=(left, right)`` keeps keys i + off − left <= j <= i + off + right (-1: unbounded;
+    ``off`` as for ``causal``), combined with ``causal`` and ``mask``; ``dropout_p > 0`` drops
+    probabilities with the Philox stream of ``seed`` (int64 [1] on q's device). Raises ValueError
+    with ``supports``' reasons, or for a bad softcap/window/dropout argument."""
     softcap = check_softcap(softcap)
+    window = _check_window(window)
+    dropout_p = _check_dropout(dropout_p, seed, q)
     _check(q, k, v, mask, causal)
     b, hq, nq, _ = q.shape
     dv_dim = v.shape[3]
@@ -579,15 +916,18 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if lse.numel() == 0:
         return out, lse
     m, m_strides, kind = _mask_args(mask, q)
-    args = _common(q, k, scale, causal, mask_fill, softcap)
+    common = _common(q, k, scale, causal, mask_fill, softcap, window, dropout_p)
+    descs, desc_ok = _descriptors(q, k, v, out)
 
     def grid(meta: dict) -> tuple[int, int, int]:
         return (triton.cdiv(nq, meta["BLOCK_M"]), hq, b)
 
+    args = (q, k, v, m, out, lse, seed if dropout_p > 0.0 else q, *descs, *q.stride()[:3],
+            *k.stride()[:3], *v.stride()[:3], *m_strides, *out.stride()[:3], *lse.stride())
     with _device_ctx(q):
-        _fwd[grid](q, k, v, m, out, lse, *q.stride(), *k.stride(), *v.stride(), *m_strides,
-                   *out.stride(), *lse.stride(), DV=dv_dim, MASK_KIND=kind,
-                   BLOCK_DV=_block(dv_dim), **args, **_BLOCKS)
+        _launch("fwd", _fwd, grid, args,
+                dict(common, DV=dv_dim, DESC_OK=int(desc_ok), FOLD_SCALE=common["scale"] > 0.0,
+                     MASK_KIND=kind, BLOCK_DV=_block(dv_dim)))
     return out, lse
 
 
@@ -595,34 +935,41 @@ def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
                    scale: Optional[float] = None, causal: str = "none",
                    mask_fill: float = float("-inf"), mask_grad: bool = False,
-                   softcap: float = 0.0,
+                   softcap: float = 0.0, window: tuple[int, int] = (-1, -1),
+                   dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """dq, dk, dv (same dtype/shape as q, k, v; contiguous), dmask shaped like mask (only when
     mask_grad, else None). ``lse`` is the forward's (natural log); ``out``/``dout`` any strides.
-    ``softcap`` must be the forward's; dmask is the gradient of the capped scores."""
+    ``softcap``, ``window``, ``dropout_p`` and ``seed`` must be the forward's; dmask is the
+    gradient of the capped scores. Deterministic: no atomics anywhere."""
     softcap = check_softcap(softcap)
+    window = _check_window(window)
+    dropout_p = _check_dropout(dropout_p, seed, q)
     _check(q, k, v, mask, causal)
     if mask_grad and (mask is None or mask.dtype == torch.bool):
         raise ValueError("mask_grad=True needs an additive float mask")
     if dout.dtype != q.dtype or dout.shape != out.shape:
         raise ValueError(f"dout {dout.dtype} {tuple(dout.shape)} must match out {q.dtype} "
                          f"{tuple(out.shape)}")
+    dout, out = _unit_stride(dout), _unit_stride(out)
     b, hq, nq, _ = q.shape
     hkv, nk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    # dS for the mask gradient: fp32 [B, Hq, Nq, Nk]; entries outside the causal band stay 0.
+    # dS for the mask gradient: fp32 [B, Hq, Nq, Nk]; entries outside the band stay 0.
     ds = torch.zeros((b, hq, nq, nk), dtype=torch.float32, device=q.device) if mask_grad else None
     if b * hq * nq * nk == 0:
         for t in (dq, dk, dv):
             t.zero_()
     else:
         m, m_strides, kind = _mask_args(mask, q)
-        args = _common(q, k, scale, causal, mask_fill, softcap)
+        common = dict(_common(q, k, scale, causal, mask_fill, softcap, window, dropout_p),
+                      DV=dv_dim, MASK_KIND=kind, BLOCK_DV=_block(dv_dim))
         delta = torch.empty((b, hq, nq), dtype=torch.float32, device=q.device)
-        bdv = _block(dv_dim)
-        shared = (*q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *lse.stride())
+        seed_arg = seed if dropout_p > 0.0 else q
+        shared = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *m_strides,
+                  *dout.stride()[:3], *lse.stride())
         ds_arg, ds_strides = (ds, ds.stride()[:3]) if ds is not None else (q, (0, 0, 0))
 
         def grid_q(meta: dict) -> tuple[int, int, int]:
@@ -632,17 +979,33 @@ def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
             return (triton.cdiv(nk, meta["BLOCK_N"]), hkv, b)
 
         with _device_ctx(q):
-            _bwd_preprocess[grid_q](out, dout, delta, *out.stride(), *dout.stride(), nq, dv_dim,
-                                    BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_DV=bdv)
-            _dkdv[grid_k](q, k, v, m, dout, lse, delta, dk, dv, *shared, *dk.stride(),
-                          *dv.stride(), HQ=hq, DV=dv_dim, MASK_KIND=kind, BLOCK_DV=bdv,
-                          **args, **_BLOCKS)
-            _dq[grid_q](q, k, v, m, dout, lse, delta, dq, ds_arg, *shared, *dq.stride(),
-                        *ds_strides, DV=dv_dim, MASK_KIND=kind, WRITE_DS=mask_grad, BLOCK_DV=bdv,
-                        **args, **_BLOCKS)
+            _bwd_preprocess[grid_q](out, dout, delta, *out.stride()[:3], *dout.stride()[:3], nq,
+                                    dv_dim, BLOCK_M=_PREPROCESS_BLOCK_M,
+                                    BLOCK_DV=common["BLOCK_DV"])
+            _launch("dkdv", _dkdv, grid_k,
+                    (q, k, v, m, dout, lse, delta, dk, dv, seed_arg, *shared, *dk.stride()[:3],
+                     *dv.stride()[:3]), common)
+            _launch("dq", _dq, grid_q,
+                    (q, k, v, m, dout, lse, delta, dq, ds_arg, seed_arg, *shared,
+                     *dq.stride()[:3], *ds_strides), dict(common, WRITE_DS=mask_grad))
     dmask = None
     if ds is not None:
         # dS summed over the dims the mask broadcasts on (size 1), like autograd's expand backward.
         dims = [i for i, n in enumerate(mask.shape) if n == 1 and ds.shape[i] != 1]
         dmask = (ds.sum(dim=dims, keepdim=True) if dims else ds).to(mask.dtype)
     return dq, dk, dv, dmask
+
+
+def dropout_keep_mask(seed: torch.Tensor, shape: tuple[int, int, int, int],
+                      dropout_p: float) -> torch.Tensor:
+    """The keep mask (bool [B, Hq, Nq, Nk]) the kernels draw for ``seed`` and ``dropout_p``:
+    for tests and for checking a dropout run against the reference."""
+    b, hq, nq, nk = shape
+    keep = torch.empty((b, hq, nq, nk), dtype=torch.uint8, device=seed.device)
+    if keep.numel():
+        block_m = 16 if _INTERPRET else 64
+        with _device_ctx(seed):
+            _dropout_mask_kernel[(triton.cdiv(nq, block_m), b * hq)](
+                keep, seed, hq, nq, nk, float(dropout_p), BLOCK_M=block_m,
+                BLOCK_N=16 if _INTERPRET else 64)
+    return keep.bool()

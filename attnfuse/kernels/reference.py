@@ -8,22 +8,38 @@ Legend (shared by every kernel in this package)::
 
     S = scale * q @ kᵀ
     S = softcap * tanh(S / softcap)      only if softcap > 0 (Gemma 2's soft-capping; before masks)
-    S = where(mask, S, mask_fill) | S + mask ; S = -inf outside the causal band
-    P = softmax(S) ; out = P @ v
+    S = where(mask, S, mask_fill) | S + mask ; S = -inf outside the causal band and the window
+    P = softmax(S) ; lse = logsumexp(S)
+    P' = P ∘ keep / (1 − dropout_p)      only if dropout_p > 0 (keep: a bool mask, True = kept)
+    out = P' @ v
 
-Backward: dS = P ∘ (dP − δ) is the gradient of the capped, masked scores (an additive mask gets it
-as is); q and k get dS ∘ (1 − tanh²(S_raw / softcap)), the cap's derivative, with S_raw the
-uncapped ``scale * q @ kᵀ``.
+Backward: dV = P'ᵀ·dO, dP' = dO·Vᵀ, dP = dP' ∘ keep / (1 − dropout_p), and dS = P ∘ (dP − δ) with
+δ = rowsum(P ∘ dP) (= rowsum(dO ∘ O)) is the gradient of the capped, masked scores (an additive
+mask gets it as is); q and k get dS ∘ (1 − tanh²(S_raw / softcap)), the cap's derivative, with
+S_raw the uncapped ``scale * q @ kᵀ``.
 
 GQA: query head ``h`` reads key/value head ``h // (Hq // Hkv)`` (the order ``repeat_interleave``
 and ``repeat_kv`` produce). Causal ``"top_left"`` keeps key ``j`` for query ``i`` when ``j <= i``;
 ``"bottom_right"`` when ``j <= i + Nk - Nq``.
 
+Sliding window ``window = (left, right)`` (ints, -1 = unbounded on that side): with
+``offset = Nk - Nq`` when causal is ``"bottom_right"`` and 0 otherwise, query ``i`` keeps key ``j``
+only if ``(left < 0 or j >= i + offset - left) and (right < 0 or j <= i + offset + right)``. It is
+ANDed with causality and with any mask; Mistral's window of W tokens is ``causal="top_left",
+window=(W - 1, 0)``.
+
+Dropout: ``dropout_p`` in [0, 1] drops probabilities after the softmax (``lse`` stays that of the
+undropped softmax, as in FlashAttention). The reference takes the keep-mask explicitly
+(``dropout_mask``, broadcastable to [B, Hq, Nq, Nk]); drawing it from a seed is the registry's job
+(``registry.py``), so forward and backward see the same mask. ``dropout_p == 1`` gives out = 0 and
+zero gradients, and needs no mask.
+
 A row whose every score is ``-inf`` gives ``out = 0``, ``lse = -inf`` and no gradient, the
 contract of FlashAttention and FlexAttention. Queries are processed ``chunk`` rows at a time, so
-memory stays O(N·chunk) rather than O(N²). Accumulation is fp32 (fp64 for fp64 inputs) unless
-``acc_dtype`` asks otherwise: the tests pass ``acc_dtype=q.dtype`` to get "PyTorch's own
-low-precision math", the baseline of FlashAttention's error-ratio rule.
+memory stays O(N·chunk) rather than O(N²) (an explicit dropout mask is the one O(N²) input).
+Accumulation is fp32 (fp64 for fp64 inputs) unless ``acc_dtype`` asks otherwise: the tests pass
+``acc_dtype=q.dtype`` to get "PyTorch's own low-precision math", the baseline of FlashAttention's
+error-ratio rule.
 """
 from __future__ import annotations
 
@@ -33,6 +49,7 @@ from typing import Optional
 import torch
 
 CAUSAL_KINDS = ("none", "top_left", "bottom_right")
+NO_WINDOW = (-1, -1)
 
 
 def _acc(dtype: torch.dtype, acc_dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -48,7 +65,55 @@ def check_softcap(softcap: float) -> float:
     return cap
 
 
-def _scores(q_c, k, mask_c, scale, causal, row0, nq, nk, mask_fill, acc, softcap=0.0):
+def check_window(window: tuple[int, int]) -> tuple[int, int]:
+    """``window`` as a pair of ints with every negative side (unbounded) written -1; else
+    ValueError."""
+    try:
+        left, right = window
+    except (TypeError, ValueError):
+        raise ValueError(f"window: expected a pair (left, right) of ints, -1 for unbounded, "
+                         f"got {window!r}") from None
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in (left, right)):
+        raise ValueError(f"window: expected a pair (left, right) of ints, -1 for unbounded, "
+                         f"got {window!r}")
+    return max(int(left), -1), max(int(right), -1)
+
+
+def check_dropout(dropout_p: float) -> float:
+    """``dropout_p`` as a float in [0, 1]; else ValueError."""
+    p = float(dropout_p)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout_p: expected a probability in [0, 1], got {dropout_p!r}")
+    return p
+
+
+def band_offset(causal: str, nq: int, nk: int) -> int:
+    """The diagonal the causal band and the window are measured from: ``Nk - Nq`` when the
+    alignment is bottom-right, else 0."""
+    return nk - nq if causal == "bottom_right" else 0
+
+
+def outside_band(rows: torch.Tensor, cols: torch.Tensor, causal: str, window: tuple[int, int],
+                 nq: int, nk: int) -> Optional[torch.Tensor]:
+    """True where key ``cols`` is outside query ``rows``' causal band or window (None: nowhere).
+
+    ``rows`` and ``cols`` broadcast against each other (e.g. [c, 1] and [1, Nk])."""
+    offset = band_offset(causal, nq, nk)
+    left, right = window
+    bounds, out = [], None
+    if causal != "none":
+        bounds.append(cols > rows + offset)
+    if right >= 0:
+        bounds.append(cols > rows + offset + right)
+    if left >= 0:
+        bounds.append(cols < rows + offset - left)
+    for b in bounds:
+        out = b if out is None else out | b
+    return out
+
+
+def _scores(q_c, k, mask_c, scale, causal, row0, nq, nk, mask_fill, acc, softcap=0.0,
+            window=NO_WINDOW):
     """Masked, scaled (and soft-capped) scores for query rows [row0, row0 + q_c.shape[-2]), and
     ``tanh(S_raw / softcap)`` (None without a cap) for the backward.   # both [B, Hkv, G, c, Nk]"""
     s = torch.matmul(q_c, k.transpose(-1, -2).unsqueeze(2)) * scale
@@ -61,11 +126,10 @@ def _scores(q_c, k, mask_c, scale, causal, row0, nq, nk, mask_fill, acc, softcap
             s = s.masked_fill(~mask_c, mask_fill)
         else:
             s = s + mask_c.to(acc)
-    if causal != "none":
+    if causal != "none" or window != NO_WINDOW:
         rows = torch.arange(row0, row0 + q_c.shape[-2], device=s.device)[:, None]
         cols = torch.arange(nk, device=s.device)[None, :]
-        offset = 0 if causal == "top_left" else nk - nq
-        s = s.masked_fill(cols > rows + offset, float("-inf"))
+        s = s.masked_fill(outside_band(rows, cols, causal, window, nq, nk), float("-inf"))
     return s, t
 
 
@@ -89,10 +153,41 @@ def _split(q, k, mask):
     hkv, nk = k.shape[1], k.shape[2]
     g = hq // hkv
     qg = q.unflatten(1, (hkv, g))
-    mg = None
-    if mask is not None:
-        mg = mask.expand(b, hq, nq, nk).unflatten(1, (hkv, g))
-    return qg, mg, g
+    return qg, _split_mask(mask, b, hq, hkv, nq, nk), g
+
+
+def _split_mask(mask, b, hq, hkv, nq, nk):
+    if mask is None:
+        return None
+    if mask.dim() > 4:
+        raise ValueError(f"mask of {mask.dim()} dims; expected at most 4 ([B, Hq, Nq, Nk])")
+    return mask.expand(b, hq, nq, nk).unflatten(1, (hkv, hq // hkv))
+
+
+def _dropout_keep(dropout_p: float, dropout_mask: Optional[torch.Tensor], q, k):
+    """``(keep, 1 / (1 − p))`` with ``keep`` the keep-mask viewed as [B, Hkv, G, Nq, Nk] (no
+    copy); ``None`` without dropout, and ``(None, 0.0)`` for ``dropout_p == 1`` (all dropped)."""
+    p = check_dropout(dropout_p)
+    if p == 0.0:
+        return None
+    if p == 1.0:
+        return None, 0.0
+    if dropout_mask is None:
+        raise ValueError("dropout_p in (0, 1) needs dropout_mask, the bool keep-mask "
+                         "(True = kept) broadcastable to [B, Hq, Nq, Nk]")
+    if dropout_mask.dtype != torch.bool:
+        raise ValueError(f"dropout_mask must be bool (True = kept), got {dropout_mask.dtype}")
+    b, hq, nq, _ = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    return _split_mask(dropout_mask, b, hq, hkv, nq, nk), 1.0 / (1.0 - p)
+
+
+def _drop_factor(drop, r0: int, r1: int, acc: torch.dtype):
+    """``keep / (1 − p)`` for query rows [r0, r1) in ``acc`` (the scalar 0 when all drop)."""
+    keep, inv = drop
+    if keep is None:
+        return inv
+    return keep[..., r0:r1, :].to(acc) * inv
 
 
 def attention_forward(
@@ -105,25 +200,35 @@ def attention_forward(
     mask_fill: float = float("-inf"),
     softcap: float = 0.0,
     *,
+    window: tuple[int, int] = NO_WINDOW,
+    dropout_p: float = 0.0,
+    dropout_mask: Optional[torch.Tensor] = None,
     acc_dtype: Optional[torch.dtype] = None,
     chunk: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(out, lse)``; ``out`` in q's dtype, ``lse`` in the accumulation dtype.
 
-    ``softcap > 0`` soft-caps the scores (see the legend); 0 disables it. Differentiable by
-    autograd as well as through :func:`attention_backward`."""
+    ``softcap > 0`` soft-caps the scores (see the legend); 0 disables it. ``window=(left,
+    right)`` restricts each query to a band of keys (-1 = unbounded side). ``dropout_p > 0``
+    drops probabilities where ``dropout_mask`` (bool, True = kept) is False and rescales the rest
+    by 1/(1 − p); ``lse`` is that of the undropped softmax. Differentiable by autograd as well as
+    through :func:`attention_backward`."""
     softcap = check_softcap(softcap)
+    window = check_window(window)
     acc = _acc(q.dtype, acc_dtype)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     nq, nk = q.shape[2], k.shape[2]
     qg, mg, _ = _split(q.to(acc), k, mask)
+    drop = _dropout_keep(dropout_p, dropout_mask, q, k)
     kf, vf = k.to(acc), v.to(acc)
     outs, lses = [], []
     for r0 in range(0, nq, chunk):
         r1 = min(nq, r0 + chunk)
         s, _ = _scores(qg[..., r0:r1, :], kf, None if mg is None else mg[..., r0:r1, :],
-                       scale, causal, r0, nq, nk, mask_fill, acc, softcap)
+                       scale, causal, r0, nq, nk, mask_fill, acc, softcap, window)
         p, lse = _softmax(s)
+        if drop is not None:
+            p = p * _drop_factor(drop, r0, r1, acc)
         outs.append(torch.matmul(p, vf.unsqueeze(2)))
         lses.append(lse)
     out = torch.cat(outs, dim=-2).flatten(1, 2)
@@ -154,6 +259,9 @@ def attention_backward(
     mask_grad: bool = False,
     softcap: float = 0.0,
     *,
+    window: tuple[int, int] = NO_WINDOW,
+    dropout_p: float = 0.0,
+    dropout_mask: Optional[torch.Tensor] = None,
     acc_dtype: Optional[torch.dtype] = None,
     chunk: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
@@ -164,14 +272,17 @@ def attention_backward(
     dP = dO·Vᵀ, dS = P ∘ (dP − δ) with δ = rowsum(P ∘ dP), dQ = scale·dS·K, dK = scale·dSᵀ·Q,
     dV = Pᵀ·dO; an additive mask gets dS itself, summed over the dimensions it was broadcast on.
     With ``softcap > 0`` dQ and dK use dS ∘ (1 − tanh²(S_raw / softcap)) in place of dS (the mask,
-    added after the cap, still gets dS).
+    added after the cap, still gets dS). ``window``, ``dropout_p`` and ``dropout_mask`` must be the
+    forward's: with dropout, dV = P'ᵀ·dO and dP = (dO·Vᵀ) ∘ keep / (1 − p).
     """
     softcap = check_softcap(softcap)
+    window = check_window(window)
     acc = _acc(q.dtype, acc_dtype)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     b, hq, nq, _ = q.shape
     nk = k.shape[2]
     qg, mg, g = _split(q.to(acc), k, mask)
+    drop = _dropout_keep(dropout_p, dropout_mask, q, k)
     kf, vf = k.to(acc), v.to(acc)
     dog = dout.to(acc).unflatten(1, (k.shape[1], g))
     dq_parts = []
@@ -185,10 +296,14 @@ def attention_backward(
     for r0 in range(0, nq, chunk):
         r1 = min(nq, r0 + chunk)
         s, t = _scores(qg[..., r0:r1, :], kf, None if mg is None else mg[..., r0:r1, :],
-                       scale, causal, r0, nq, nk, mask_fill, acc, softcap)
+                       scale, causal, r0, nq, nk, mask_fill, acc, softcap, window)
         p, _ = _softmax(s)                                                     # [B, Hkv, G, c, Nk]
         do = dog[..., r0:r1, :]
-        dp = torch.matmul(do, vf.transpose(-1, -2).unsqueeze(2))
+        dp = torch.matmul(do, vf.transpose(-1, -2).unsqueeze(2))               # dP' = dO·Vᵀ
+        pd = p                                                                 # P', what V saw
+        if drop is not None:
+            d_c = _drop_factor(drop, r0, r1, acc)
+            pd, dp = p * d_c, dp * d_c                                   # dP = dP' ∘ keep/(1−p)
         # δ = rowsum(P ∘ dP) (softmax's own backward) rather than rowsum(dO ∘ O): no cancellation.
         ds = p * (dp - (p * dp).sum(-1, keepdim=True))
         if mg is not None and mg.dtype == torch.bool:
@@ -198,7 +313,7 @@ def attention_backward(
         ds_raw = ds if t is None else ds * (1 - t * t)
         dq_parts.append(torch.matmul(ds_raw, kf.unsqueeze(2)) * scale)
         dk += (torch.matmul(ds_raw.transpose(-1, -2), qg[..., r0:r1, :]) * scale).sum(2)
-        dv += torch.matmul(p.transpose(-1, -2), do).sum(2)
+        dv += torch.matmul(pd.transpose(-1, -2), do).sum(2)
         if dmask is not None:
             full = ds.flatten(1, 2)                                            # [B, Hq, c, Nk]
             rows = slice(r0, r1) if mask.shape[-2] != 1 else slice(None)

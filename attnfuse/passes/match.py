@@ -8,8 +8,14 @@ Soundness rules (a rewrite never changes what the model computes):
   * every intermediate between Q·Kᵀ and P·V has exactly one user (the next step);
   * the softmax runs over the key axis; dropout on the probabilities is inactive;
   * q, k, v share a dtype and batch/head dims, and P·V's result has q's dtype;
-  * a causal mask is recognised only from a constant boolean mask (built from buffers, shapes
-    and constants) whose values equal the causal pattern at the graph's static shape.
+  * causality and sliding windows are recognised only from a constant mask (built from buffers,
+    shapes and constants) whose values equal a band exactly at the graph's static shape:
+    query i keeps key j iff i + off - left <= j <= i + off + right (off = 0 or Nk - Nq, each side
+    possibly unbounded). Such a mask becomes the op's ``causal``/``window`` arguments. A band
+    masked with -inf converts unless a finite masked_fill is applied after it (that fill would
+    overwrite the -inf); a band masked with a huge finite value (finfo.min, -1e9, ...) converts
+    only when it is the site's only mask and leaves no row fully masked, since only rows that
+    keep a key give the same softmax whether the masked scores are huge-negative or -inf.
 """
 from __future__ import annotations
 
@@ -55,6 +61,14 @@ class MaskTerm:
     ops: tuple[Step, ...] = ()     # views that bring it into the op's [B, H, Nq, Nk] domain
 
 
+NO_WINDOW = (-1, -1)
+
+# A finite masked score counts as masked only at or below this value (after the scales applied to
+# it): exp(fill + O(|scores|)) is then exactly 0 in fp32 and fp64 for any |score| < 4,000, so such
+# a fill and -inf give the same softmax on every row that keeps a key.
+_HUGE_NEGATIVE = -1e4
+
+
 @dataclass
 class Match:
     softmax: Node
@@ -70,6 +84,7 @@ class Match:
     softcap: float = 0.0
     out_ops: tuple[Step, ...] = ()  # from the op's [B, H, Nq, Dv] back to P·V's layout
     gqa_groups: int = 1
+    window: tuple[int, int] = NO_WINDOW   # (left, right) band around the diagonal; -1 = unbounded
 
 
 class Context:
@@ -347,6 +362,62 @@ def causal_kind(keep: torch.Tensor, nq: int, nk: int) -> Optional[str]:
     return None
 
 
+def _pattern(keep: torch.Tensor, nq: int, nk: int) -> Optional[torch.Tensor]:
+    """``keep`` as one [Nq, Nk] bool pattern when it is the same for every batch/head (else None)."""
+    if keep.dtype != torch.bool:
+        return None
+    if keep.dim() < 2:
+        keep = keep.reshape((1,) * (2 - keep.dim()) + tuple(keep.shape))
+    try:
+        keep = keep.broadcast_to(tuple(keep.shape[:-2]) + (nq, nk))
+    except RuntimeError:
+        return None
+    flat = keep.reshape(-1, nq, nk)
+    if flat.shape[0] == 0 or not bool((flat == flat[:1]).all()):
+        return None
+    return flat[0].cpu()
+
+
+def _band(nq: int, nk: int, off: int, left: int, right: int) -> torch.Tensor:
+    i, j = torch.arange(nq)[:, None], torch.arange(nk)[None, :]
+    return (j >= i + off - left) & (j <= i + off + right)
+
+
+def band_of(keep: torch.Tensor, nq: int, nk: int) -> Optional[tuple[str, tuple[int, int]]]:
+    """``(causal, window)`` of the op that keeps exactly what ``keep`` keeps, when ``keep``
+    (broadcast over batch/heads) is a band ``i + off - left <= j <= i + off + right`` with
+    ``left, right >= 0`` or unbounded; else None.
+
+    Causal forms are preferred: a band whose right edge is the diagonal becomes ``causal`` (top-left
+    when off = 0, bottom-right when off = Nk - Nq) with ``window=(left, 0)`` (no window when the
+    left side is unbounded). Other bands need off = 0: ``causal="none", window=(left, right)``.
+    An all-True pattern is ``("none", (-1, -1))``: no mask at all.
+    """
+    pattern = _pattern(keep, nq, nk)
+    if pattern is None or nq == 0 or nk == 0:
+        return None
+    if bool(pattern.all()):
+        return "none", NO_WINDOW
+    live = pattern.any(-1)
+    if not bool(live.any()):
+        return None
+    rows = torch.arange(nq)[live]
+    first = pattern[live].to(torch.uint8).argmax(-1)               # first kept key per row
+    last = nk - 1 - pattern[live].flip(-1).to(torch.uint8).argmax(-1)
+    plain = None
+    for causal, off in (("top_left", 0), ("bottom_right", nk - nq)):
+        left = int((rows + off - first).max())                      # diagonal distances
+        right = int((last - rows - off).max())
+        if left < 0 or right < 0 or not torch.equal(pattern, _band(nq, nk, off, left, right)):
+            continue
+        left = -1 if left >= nq - 1 + off else left        # reaches key 0 on every row
+        if right == 0:
+            return causal, (NO_WINDOW if left < 0 else (left, 0))
+        if off == 0 and plain is None:
+            plain = ("none", (left, -1 if right >= nk - 1 else right))
+    return plain
+
+
 def _sym(x: Union[int, float]) -> sympy.Expr:
     return sympy.Float(x) if isinstance(x, float) else sympy.Integer(x)
 
@@ -576,23 +647,14 @@ def _finish(sm: Node, r: C.Reading, pv: Node, pv_read: C.Reading, qk: Node, q: O
     v = v.then(*pv_in, *to_op)
     out_ops = op_out + sm_to_pv + ((("permute", pv_read.out_perm),) if pv_read.out_perm else ())
     nq, nk = qm.shape[-2], km.shape[-2]
-    causal, kept = "none", []
-    for term in masks:
-        if term.kind == "add" and _is_zero(term, ctx):
-            rules.append("all-zero additive term dropped")
-            continue
-        if causal == "none" and _static(nq, nk):
-            kind = _constant_causal(term, nq, nk, ctx)
-            if kind is not None:
-                rules.append(f"constant {'bool' if term.kind == 'fill' else 'additive'} "
-                             f"mask->causal({kind})")
-                causal = kind
-                continue
+    nonzero = [t for t in masks if not (t.kind == "add" and _is_zero(t, ctx))]
+    rules.extend(["all-zero additive term dropped"] * (len(masks) - len(nonzero)))
+    causal, window, kept = _bands(nonzero, nq, nk, ctx, rules)
+    for term in kept:
         ops = _mask_ops(term, smb)
         if isinstance(ops, Reject):
             return ops
         term.ops = ops
-        kept.append(term)
     fills = {t.fill * float(t.factor) for t in kept if t.kind == "fill"}
     if len(fills) > 1 and any(math.isfinite(f) for f in fills):
         return Reject(f"masked_fill with different finite fill values {sorted(fills)}; not fused")
@@ -601,7 +663,8 @@ def _finish(sm: Node, r: C.Reading, pv: Node, pv_read: C.Reading, qk: Node, q: O
                       "fully masked rows")
     if any(float(t.factor) <= 0 for t in kept if t.kind == "fill"):
         return Reject("a masked_fill followed by a non-positive scale; not fused")
-    return Match(sm, pv, q, k, v, factor, kept, causal, dead, rules, softcap, out_ops, groups)
+    return Match(sm, pv, q, k, v, factor, kept, causal, dead, rules, softcap, out_ops, groups,
+                 window)
 
 
 def _is_zero(term: MaskTerm, ctx: Context) -> bool:
@@ -610,27 +673,94 @@ def _is_zero(term: MaskTerm, ctx: Context) -> bool:
     return value is not None and not bool(value.any())
 
 
-def _constant_causal(term: MaskTerm, nq: int, nk: int, ctx: Context) -> Optional[str]:
-    """The causal alignment a constant mask spells, when it is exactly one (else None).
+@dataclass
+class _BandTerm:
+    term: MaskTerm
+    keep: torch.Tensor              # [Nq, Nk] pattern the term keeps
+    exact: bool                     # its masked scores are -inf (not a huge finite value)
 
-    Bool masks: keep/drop pattern. Additive masks: only 0 / -inf entries (a finite "large negative"
-    stays an additive mask, so rows it fully masks keep eager's semantics).
-    """
+
+def _effective_fill(term: MaskTerm) -> float:
+    return term.fill * float(term.factor)
+
+
+def _band_term(term: MaskTerm, nq: int, nk: int, ctx: Context) -> Optional[_BandTerm]:
+    """The keep-pattern of a constant mask that only keeps or masks (bool with a -inf or huge
+    fill; additive with entries 0 and -inf or huge negative values), else None."""
+    if float(term.factor) <= 0:
+        return None
     value = ctx.constant(term.node)
     if value is None:
         return None
     if term.kind == "fill":
-        keep = ~value if term.negate else value
-        kind = causal_kind(keep, nq, nk)
-        # A finite fill keeps eager semantics only if no row is fully masked.
-        safe = math.isinf(term.fill) or kind == "top_left" or nq <= nk
-        return kind if safe else None
-    if not value.is_floating_point() or float(term.factor) <= 0:
-        return None
-    zero, ninf = value == 0, torch.isneginf(value)
-    if not bool((zero | ninf).all()):
-        return None
-    return causal_kind(zero, nq, nk)
+        fill = _effective_fill(term)
+        if value.dtype != torch.bool or not (fill == -math.inf or fill <= _HUGE_NEGATIVE):
+            return None
+        keep, exact = (~value if term.negate else value), fill == -math.inf
+    else:
+        if not value.is_floating_point():
+            return None
+        ninf = torch.isneginf(value)
+        huge = ~ninf & (value.double() * float(term.factor) <= _HUGE_NEGATIVE)
+        keep = value == 0
+        if not bool((keep | ninf | huge).all()):
+            return None
+        exact = not bool(huge.any())
+    pattern = _pattern(keep, nq, nk)
+    return None if pattern is None else _BandTerm(term, pattern, exact)
+
+
+def _bands(masks: list[MaskTerm], nq: Any, nk: Any, ctx: Context, rules: list[str]
+           ) -> tuple[str, tuple[int, int], list[MaskTerm]]:
+    """Fold the constant masks that together spell a band into ``(causal, window)``; returns
+    them with the mask terms that stay dense (in their original order).
+
+    ``masks`` run from the softmax inwards, so ``masks[:i]`` are applied after ``masks[i]``.
+    A -inf band converts unless a finite masked_fill is applied after it (it would overwrite the
+    -inf; an addition cannot). A huge-finite band converts only if, once converted, the site has
+    no other mask and no row is fully masked: only rows that keep a key give the same softmax
+    whether the masked scores are huge or -inf.
+    """
+    if not _static(nq, nk):
+        return "none", NO_WINDOW, list(masks)
+    cands = {i: b for i, t in enumerate(masks) if (b := _band_term(t, nq, nk, ctx)) is not None}
+    finite_fill = [t.kind == "fill" and math.isfinite(_effective_fill(t)) for t in masks]
+    acc: Optional[torch.Tensor] = None
+    taken: list[int] = []
+    why: dict[int, str] = {}
+    for exact in (True, False):
+        for i, b in cands.items():
+            if b.exact != exact:
+                continue
+            if exact and any(finite_fill[:i]):
+                why[i] = "a finite masked_fill applied after it overwrites its -inf entries"
+                continue
+            trial = b.keep if acc is None else acc & b.keep
+            if band_of(trial, nq, nk) is None:
+                why[i] = "not a causal band or sliding window" + (
+                    " (together with the other constant masks)" if acc is not None else "")
+                continue
+            acc, taken = trial, taken + [i]
+    if any(not cands[i].exact for i in taken):
+        alone = len(taken) == len(masks)
+        if not (alone and bool(acc.any(-1).all())):
+            for i in taken:
+                if not cands[i].exact:
+                    why[i] = ("its huge finite fill equals -inf only when no row is fully masked, "
+                              "which holds only for the site's only mask leaving every row a key")
+            taken = [i for i in taken if cands[i].exact]
+            acc = None
+            for i in taken:
+                acc = cands[i].keep if acc is None else acc & cands[i].keep
+    for i in sorted(why):
+        rules.append(f"constant mask kept dense: {why[i]}")
+    if not taken:
+        return "none", NO_WINDOW, list(masks)
+    causal, window = band_of(acc, nq, nk)
+    kinds = sorted({"bool" if masks[i].kind == "fill" else "additive" for i in taken})
+    what = [f"causal({causal})"] * (causal != "none") + [f"window{window}"] * (window != NO_WINDOW)
+    rules.append(f"constant {'+'.join(kinds)} mask->{'+'.join(what) or 'no mask'}")
+    return causal, window, [t for i, t in enumerate(masks) if i not in taken]
 
 
 def spec_of(m: Match, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -647,7 +777,8 @@ def spec_of(m: Match, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return AttentionSpec(
         q=TensorInfo.of(q), k=TensorInfo.of(k), v=TensorInfo.of(v),
         scale=float(m.scale), scale_expr=_fmt(m.scale),
-        mask=MaskSpec(m.causal, kind, info, fill if kind == "bool" else float("-inf"), mask_rg),
+        mask=MaskSpec(m.causal, kind, info, fill if kind == "bool" else float("-inf"), mask_rg,
+                      m.window),
         gqa_groups=m.gqa_groups, softcap=m.softcap,
         softmax_dtype=sdt, requires_grad=rg, source="eager_softmax",
         location=location, module_path=module_path, rules=tuple(m.rules))
@@ -681,4 +812,4 @@ def module_path(node: Node) -> str:
 
 
 __all__ = ["Context", "Match", "MaskTerm", "Operand", "match_softmax", "spec_of", "softmax_nodes", "source_location",
-           "module_path", "constant_value", "causal_kind"]
+           "module_path", "constant_value", "causal_kind", "band_of", "NO_WINDOW"]

@@ -1,7 +1,9 @@
 """Replace a matched site with one ``attnfuse::attention`` call and delete what it made dead.
 
 Only nodes of the site itself (and mask-building nodes nothing else uses any more) are erased;
-every other user of q, k, v and the masks is left intact.
+every other user of q, k, v and the masks is left intact. A constant mask the matcher read as a
+causal band or sliding window becomes the op's ``causal``/``window`` arguments, so its nodes go
+dead with the site.
 """
 from __future__ import annotations
 
@@ -157,8 +159,9 @@ def rewrite_site(gm: GraphModule, m: Match, kernel: str, note: str) -> Node:
     mode = _fake_mode([m.q.node, m.k.node, m.v.node, m.pv])
     b = _Builder(graph, m.pv, mode, note)
     q, k, v, mask, fill = operands(b, m)
+    left, right = m.window
     fused = b.fn(torch.ops.attnfuse.attention.default, q, k, v, mask, float(m.scale), m.causal,
-                 fill, kernel, float(m.softcap))
+                 fill, kernel, float(m.softcap), int(left), int(right))
     out = b.fn(operator.getitem, fused, 0)
     for name, args in m.out_ops:
         out = b("call_method", name, out, *args)
