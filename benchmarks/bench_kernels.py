@@ -20,8 +20,8 @@ backward alone from saved forward results: ``flash_backward`` on a precomputed (
 attnfuse, ``out.backward(dout, retain_graph=True)`` (grads reset to None each call) for PyTorch's
 kernels; both produce dq, dk, dv. A backend that refuses a shape is recorded as None.
 
-Usage: the whole grid takes longer than one short GPU session (each new shape compiles Flex and
-autotunes attnfuse), so split it, one (d, causal) per call, and merge with --append:
+Usage: the whole grid takes longer than ten minutes on one GPU (each new shape compiles Flex and
+autotunes attnfuse), so split it, one (d, causal) per invocation, and merge with --append:
     python benchmarks/bench_kernels.py --parts check --out r.json
     python benchmarks/bench_kernels.py --parts speed --d 128 --causal no --out r.json --append
     python benchmarks/bench_kernels.py --parts speed --d 128 --causal yes --out r.json --append
