@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .kernels import registry
-from .kernels.reference import NO_WINDOW, check_dropout, check_softcap, check_window
+from .kernels.reference import NO_WINDOW, check_dropout, check_seed, check_softcap, check_window
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -35,20 +35,6 @@ def as_4d(mask: Optional[Tensor]) -> Optional[Tensor]:
 
 def _window(left: int, right: int) -> tuple[int, int]:
     return check_window((int(left), int(right)))
-
-
-def _checked_seed(seed: Optional[Tensor], dropout_p: float, q: Tensor) -> Optional[Tensor]:
-    """The seed the kernels get: needed (int64, one element, on q's device) only when
-    0 < dropout_p < 1."""
-    if not 0.0 < dropout_p < 1.0:
-        return seed
-    if seed is None:
-        raise ValueError("attnfuse::attention with dropout_p > 0 needs seed, an int64 tensor of "
-                         "shape [1] on q's device (attnfuse.attention draws one for you)")
-    if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != q.device:
-        raise ValueError(f"seed must be an int64 tensor of shape [1] on {q.device}, got "
-                         f"{seed.dtype} of shape {tuple(seed.shape)} on {seed.device}")
-    return seed
 
 
 def _pick(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], causal: str, kernel: str,
@@ -67,7 +53,7 @@ def _run_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale:
                  window: tuple[int, int], dropout_p: float,
                  seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     dropout_p = check_dropout(dropout_p)
-    seed = _checked_seed(seed, dropout_p, q)
+    check_seed(seed, dropout_p, q.device)
     m4 = as_4d(mask)
     name = _pick(q, k, v, m4, causal, kernel, window, dropout_p)
     out, lse = registry.get(name).forward(q, k, v, m4, scale, causal, mask_fill, softcap,
@@ -103,7 +89,7 @@ def attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: O
                           seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     window = _window(window_left, window_right)
     dropout_p = check_dropout(dropout_p)
-    seed = _checked_seed(seed, dropout_p, q)
+    check_seed(seed, dropout_p, q.device)
     m4 = as_4d(mask)
     name = _pick(q, k, v, m4, causal, kernel, window, dropout_p)
     dq, dk, dv, dm = registry.get(name).backward(

@@ -544,7 +544,7 @@ def test_window_tiles_property(nq, nk, causal, left, right):
 
 def test_window_validation():
     q, k, v = _qkv(_gen("wv"), nq=4, nk=4)
-    for bad in [(1,), (1.5, 0), (-2, 0), "left", (True, 0)]:
+    for bad in [(1,), (1.5, 0), (None, 0), "left", (True, 0)]:
         with pytest.raises(ValueError, match="window"):
             flash_forward(q, k, v, window=bad)
 
@@ -590,6 +590,8 @@ def test_dropout_reproducible_and_extremes():
     assert torch.equal(lse_a, lse_plain), "dropout must not change the softmax statistics"
     zero, _ = flash_forward(q, k, v, dropout_p=1.0, seed=seed)
     assert (zero == 0).all()
+    unseeded, lse_unseeded = flash_forward(q, k, v, dropout_p=1.0)   # nothing random to draw
+    assert (unseeded == 0).all() and torch.equal(lse_unseeded, lse_plain)
     grads = flash_backward(torch.ones_like(zero), q, k, v, None, zero, lse_plain, dropout_p=1.0,
                            seed=seed)
     assert all((g == 0).all() for g in grads[:3])

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import CAUSAL_KINDS, check_softcap
+from .reference import CAUSAL_KINDS, check_dropout, check_seed, check_softcap, check_window
 
 try:  # TMA tensor descriptors built on the host (triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -781,30 +781,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
         raise ValueError("flash attention cannot run these inputs: " + "; ".join(reasons))
 
 
-def _check_window(window) -> tuple[int, int]:
-    """``(left, right)`` as ints, -1 = unbounded; ValueError otherwise."""
-    try:
-        left, right = window
-        ok = all(isinstance(x, int) and not isinstance(x, bool) and x >= -1 for x in (left, right))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"window: expected (left, right) ints >= 0, or -1 for an unbounded side, "
-                         f"got {window!r}")
-    return left, right
-
-
-def _check_dropout(dropout_p: float, seed: Optional[torch.Tensor], q: torch.Tensor) -> float:
-    p = float(dropout_p)
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout_p: expected a probability in [0, 1], got {dropout_p!r}")
-    if p > 0.0 and (not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64
-                    or seed.numel() < 1 or seed.device != q.device):
-        raise ValueError(f"dropout_p={p} needs seed: an int64 tensor of shape [1] on {q.device} "
-                         f"(e.g. torch.randint(0, 2**62, (1,), device=q.device)), got {seed!r}")
-    return p
-
-
 def _mask_args(mask: Optional[torch.Tensor], dummy: torch.Tensor
                ) -> tuple[torch.Tensor, tuple[int, int, int, int], int]:
     """(tensor to read, strides with 0 on broadcast dims, mask kind); bool is read as uint8."""
@@ -882,7 +858,7 @@ def _common(q: torch.Tensor, k: torch.Tensor, scale: Optional[float], causal: st
                 keep_scale=1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0,
                 NQ_BUCKET=triton.next_power_of_2(nq), NK_BUCKET=triton.next_power_of_2(nk),
                 BANDED=int(left < _UNBOUNDED or right < _UNBOUNDED), D=d,
-                HAS_SOFTCAP=softcap > 0.0, DROPOUT=dropout_p > 0.0,
+                HAS_SOFTCAP=softcap > 0.0, DROPOUT=0.0 < dropout_p < 1.0,
                 PREC="ieee" if q.dtype == torch.float32 else "tf32",
                 EMU_BF16=_INTERPRET and q.dtype == torch.bfloat16, BLOCK_D=_block(d))
 
@@ -905,9 +881,9 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``off`` as for ``causal``), combined with ``causal`` and ``mask``; ``dropout_p > 0`` drops
     probabilities with the Philox stream of ``seed`` (int64 [1] on q's device). Raises ValueError
     with ``supports``' reasons, or for a bad softcap/window/dropout argument."""
-    softcap = check_softcap(softcap)
-    window = _check_window(window)
-    dropout_p = _check_dropout(dropout_p, seed, q)
+    softcap, window = check_softcap(softcap), check_window(window)
+    dropout_p = check_dropout(dropout_p)
+    check_seed(seed, dropout_p, q.device)
     _check(q, k, v, mask, causal)
     b, hq, nq, _ = q.shape
     dv_dim = v.shape[3]
@@ -922,7 +898,7 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     def grid(meta: dict) -> tuple[int, int, int]:
         return (triton.cdiv(nq, meta["BLOCK_M"]), hq, b)
 
-    args = (q, k, v, m, out, lse, seed if dropout_p > 0.0 else q, *descs, *q.stride()[:3],
+    args = (q, k, v, m, out, lse, seed if common["DROPOUT"] else q, *descs, *q.stride()[:3],
             *k.stride()[:3], *v.stride()[:3], *m_strides, *out.stride()[:3], *lse.stride())
     with _device_ctx(q):
         _launch("fwd", _fwd, grid, args,
@@ -942,9 +918,9 @@ def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     mask_grad, else None). ``lse`` is the forward's (natural log); ``out``/``dout`` any strides.
     ``softcap``, ``window``, ``dropout_p`` and ``seed`` must be the forward's; dmask is the
     gradient of the capped scores. Deterministic: no atomics anywhere."""
-    softcap = check_softcap(softcap)
-    window = _check_window(window)
-    dropout_p = _check_dropout(dropout_p, seed, q)
+    softcap, window = check_softcap(softcap), check_window(window)
+    dropout_p = check_dropout(dropout_p)
+    check_seed(seed, dropout_p, q.device)
     _check(q, k, v, mask, causal)
     if mask_grad and (mask is None or mask.dtype == torch.bool):
         raise ValueError("mask_grad=True needs an additive float mask")
@@ -959,7 +935,7 @@ def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     # dS for the mask gradient: fp32 [B, Hq, Nq, Nk]; entries outside the band stay 0.
     ds = torch.zeros((b, hq, nq, nk), dtype=torch.float32, device=q.device) if mask_grad else None
-    if b * hq * nq * nk == 0:
+    if b * hq * nq * nk == 0 or dropout_p >= 1.0:  # nothing attended, or everything dropped
         for t in (dq, dk, dv):
             t.zero_()
     else:
@@ -967,7 +943,7 @@ def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         common = dict(_common(q, k, scale, causal, mask_fill, softcap, window, dropout_p),
                       DV=dv_dim, MASK_KIND=kind, BLOCK_DV=_block(dv_dim))
         delta = torch.empty((b, hq, nq), dtype=torch.float32, device=q.device)
-        seed_arg = seed if dropout_p > 0.0 else q
+        seed_arg = seed if common["DROPOUT"] else q
         shared = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *m_strides,
                   *dout.stride()[:3], *lse.stride())
         ds_arg, ds_strides = (ds, ds.stride()[:3]) if ds is not None else (q, (0, 0, 0))

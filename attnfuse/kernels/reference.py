@@ -87,6 +87,20 @@ def check_dropout(dropout_p: float) -> float:
     return p
 
 
+def check_seed(seed: Optional[torch.Tensor], dropout_p: float, device: torch.device) -> None:
+    """A seed is needed, as an int64 tensor of shape [1] on ``device``, when 0 < dropout_p < 1;
+    else ValueError saying how to make one."""
+    if not 0.0 < dropout_p < 1.0:
+        return
+    if (not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1
+            or seed.device != torch.device(device)):
+        got = (f"{seed.dtype} of shape {tuple(seed.shape)} on {seed.device}"
+               if isinstance(seed, torch.Tensor) else repr(seed))
+        raise ValueError(f"dropout_p={dropout_p} needs seed, an int64 tensor of shape [1] on "
+                         f"{device} (e.g. torch.randint(0, 2**62, (1,), device=q.device)), "
+                         f"got {got}")
+
+
 def band_offset(causal: str, nq: int, nk: int) -> int:
     """The diagonal the causal band and the window are measured from: ``Nk - Nq`` when the
     alignment is bottom-right, else 0."""

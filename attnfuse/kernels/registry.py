@@ -18,7 +18,6 @@ The cost model and autotuner that replace the fixed order live in ``attnfuse/tun
 """
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -89,25 +88,6 @@ def _reference_backward(dout, q, k, v, mask, out, lse, scale, causal, mask_fill,
                                         dropout_mask=keep)
 
 
-def _accepts(fn: Callable, *names: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return all(n in params for n in names)
-
-
-def _optional_kwargs(window: tuple[int, int], dropout_p: float, seed: Any) -> dict[str, Any]:
-    """Window/dropout keywords for kernels that take them as optional keywords: passed only when
-    they differ from the defaults, so a kernel without the features keeps its old signature."""
-    kw: dict[str, Any] = {}
-    if tuple(window) != reference.NO_WINDOW:
-        kw["window"] = tuple(window)
-    if dropout_p > 0:
-        kw["dropout_p"], kw["seed"] = dropout_p, seed
-    return kw
-
-
 def _flash() -> Optional[Kernel]:
     try:
         from . import flash
@@ -115,24 +95,8 @@ def _flash() -> Optional[Kernel]:
         log.info("flash kernel unavailable: %s", e)
         return None
 
-    def forward(q, k, v, mask, scale, causal, mask_fill, softcap, window=reference.NO_WINDOW,
-                dropout_p=0.0, seed=None):
-        return flash.flash_forward(q, k, v, mask, scale, causal, mask_fill, softcap,
-                                   **_optional_kwargs(window, dropout_p, seed))
-
-    def backward(dout, q, k, v, mask, out, lse, scale, causal, mask_fill, mask_grad, softcap,
-                 window=reference.NO_WINDOW, dropout_p=0.0, seed=None):
-        return flash.flash_backward(dout, q, k, v, mask, out, lse, scale, causal, mask_fill,
-                                    mask_grad, softcap, **_optional_kwargs(window, dropout_p, seed))
-
-    features = set()
-    if _accepts(flash.flash_forward, "window") and _accepts(flash.flash_backward, "window"):
-        features.add("window")
-    if (_accepts(flash.flash_forward, "dropout_p", "seed")
-            and _accepts(flash.flash_backward, "dropout_p", "seed")):
-        features.add("dropout")
-    return Kernel("flash", True, forward, backward, flash.supports,
-                  "Triton FlashAttention-2, forward and backward", frozenset(features))
+    return Kernel("flash", True, flash.flash_forward, flash.flash_backward, flash.supports,
+                  "Triton FlashAttention-2, forward and backward", frozenset(FEATURES))
 
 
 def _build() -> dict[str, Kernel]:
