@@ -5,6 +5,7 @@ Doors::
     fast = attnfuse.optimize(model, example_inputs)          # a module with its attention fused
     compiled = torch.compile(model, backend="attnfuse")      # the same, as a torch.compile backend
     print(attnfuse.explain(model, example_inputs))           # every site, the kernel chosen, why
+    attnfuse.cache.clear()                                   # forget tuned choices ($ATTNFUSE_CACHE_DIR)
     out = attnfuse.attention(q, k, v, attn_mask, dropout_p, is_causal)  # drop-in for SDPA
     out = attnfuse.attention(q, k, v, is_causal=True, window=(4095, 0))  # + sliding windows
 """
@@ -12,13 +13,15 @@ from __future__ import annotations
 
 from .backend import Options, attnfuse_backend, explain, last_report, optimize
 from .ops import attention
-from .report import Report, Site
+from .report import Candidate, Report, Site
+from .tune import cache
 from .spec import AttentionSpec, MaskSpec, Reject
 
 __version__ = "0.1.0"
 
 __all__ = ["attention", "optimize", "explain", "last_report", "attnfuse_backend", "Options",
-           "Report", "Site", "AttentionSpec", "MaskSpec", "Reject", "__version__"]
+           "Report", "Site", "Candidate", "AttentionSpec", "MaskSpec", "Reject", "cache",
+           "__version__"]
 
 
 def _maybe_register() -> None:

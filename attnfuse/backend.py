@@ -26,6 +26,7 @@ from .passes.match import Context, match_softmax, module_path, softmax_nodes, so
 from .passes.rewrite import operand_metas, rewrite_sdpa, rewrite_site
 from .report import GraphSnapshot, Report, Site
 from .spec import AttentionSpec, MaskSpec, Reject, TensorInfo
+from .tune.select import Choice, Problem, choose
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,19 @@ class Options:
     inner: str = "inductor"
     """The compiler for the rest of the graph: ``"inductor"`` or ``"eager"`` (for debugging)."""
     kernel: Optional[str] = None
-    """Force one kernel (``"flash"``, ``"reference"``) on every site it supports; ``None`` = choose."""
-    keep_sdpa: bool = True
-    """Leave existing SDPA calls on PyTorch's backends unless ``kernel`` forces another."""
+    """Force one kernel (``"flash"``, ``"reference"``, ``"sdpa_cudnn"``, ...) on every site it
+    supports; ``None`` = choose per site (cost model + timing)."""
+    keep_sdpa: bool = False
+    """Leave the model's own SDPA calls to PyTorch's default dispatch. ``False``: they are sites
+    like any other, and get the fastest candidate (which may be one of SDPA's backends, pinned)."""
     mode: Optional[str] = None
     """Inductor's mode for the rest of the graph, as in ``torch.compile(mode=...)``:
     ``"reduce-overhead"`` (CUDA graphs), ``"max-autotune"``, ...; ``None`` = Inductor's default.
     Only with ``inner="inductor"``."""
+    tune: Optional[bool] = None
+    """Time the best candidate kernels on each site's shapes at compile time (the winner is
+    cached on disk): ``None`` = on CUDA unless ``ATTNFUSE_AUTOTUNE=0``; ``False`` = cost model
+    only; ``True`` = also on CPU."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -99,20 +106,37 @@ class Options:
         return Options(**options)
 
 
-def _choose(q: Any, k: Any, v: Any, mask: Any, causal: str, opts: Options) -> tuple[Optional[str], str, dict]:
-    """Kernel for one site: ``(name or None, why, {rejected: reasons})``."""
+def _choose(q: Any, k: Any, v: Any, mask: Any, causal: str, opts: Options, *,
+            window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+            mask_fill: float = -math.inf, scale: Optional[float] = None,
+            source: str = "eager_softmax") -> tuple[Optional[str], str, dict, Optional[Choice]]:
+    """Kernel for one site: ``(name or None, why, {rejected: reasons}, the selector's Choice)``."""
     m4 = ops.as_4d(mask)
+    training = any(getattr(t, "requires_grad", False) for t in (q, k, v, m4) if t is not None)
+    mask_grad = bool(m4 is not None and getattr(m4, "requires_grad", False))
+    kw = dict(window=window, softcap=softcap, mask_fill=mask_fill, mask_grad=mask_grad,
+              source=source)
     if opts.kernel not in (None, "auto"):
-        reasons = registry.rejections(opts.kernel, q, k, v, m4, causal)
+        reasons = registry.rejections(opts.kernel, q, k, v, m4, causal, **kw)
         if reasons:
-            return None, f"kernel={opts.kernel!r} was forced but cannot run this site: " + "; ".join(reasons), {opts.kernel: reasons}
-        return opts.kernel, f"kernel={opts.kernel!r} forced by options", {}
-    name, rejected = registry.select(q, k, v, m4, causal)
-    order = " > ".join(registry.PREFERENCE.get(torch.device(q.device).type, ("reference",)))
-    why = f"{name}: first supported kernel on {torch.device(q.device).type} ({order})"
-    if rejected:
-        why += "; " + "; ".join(f"{n} rejected: {', '.join(r)}" for n, r in rejected.items())
-    return name, why, rejected
+            return None, (f"kernel={opts.kernel!r} was forced but cannot run this site: "
+                          + "; ".join(reasons)), {opts.kernel: reasons}, None
+        return opts.kernel, f"kernel={opts.kernel!r} forced by options", {}, Choice(
+            opts.kernel, "forced", cache="forced")
+    problem = Problem.of(q, k, v, m4, causal, training=training, scale=scale, **kw)
+    choice = choose(problem, q, k, v, m4, policy=opts.policy, tune=opts.tune)
+    rejected = {c.kernel: c.reasons for c in choice.candidates if c.reasons}
+    if not choice.kernel:
+        return None, choice.reason, rejected, choice
+    return choice.kernel, f"{choice.kernel}: {choice.reason}", rejected, choice
+
+
+def _site(gi: int, pattern: str, kernel: Optional[str], why: str, spec: Optional[AttentionSpec],
+          loc: str, mod: str, rejected: dict, choice: Optional[Choice]) -> Site:
+    site = Site(0, gi, pattern, kernel, why, spec, loc, mod, rejected)
+    if choice is not None:
+        site.candidates, site.cache, site.config = choice.candidates, choice.cache, choice.config
+    return site
 
 
 def _eager_site(gm: GraphModule, sm: Node, ctx: Context, opts: Options, gi: int) -> Site:
@@ -122,11 +146,13 @@ def _eager_site(gm: GraphModule, sm: Node, ctx: Context, opts: Options, gi: int)
         return Site(0, gi, "eager_softmax", None, m.reason, location=loc, module_path=mod)
     qm, km, vm, mask_meta, fill = operand_metas(m)
     spec = spec_of(m, qm, km, vm, mask_meta, fill, loc, mod)
-    name, why, rejected = _choose(qm, km, vm, mask_meta, m.causal, opts)
+    name, why, rejected, choice = _choose(qm, km, vm, mask_meta, m.causal, opts,
+                                          window=tuple(m.window), softcap=float(m.softcap),
+                                          mask_fill=fill, scale=float(m.scale))
     if name is None:
-        return Site(0, gi, "eager_softmax", None, why, spec, loc, mod, rejected)
+        return _site(gi, "eager_softmax", None, why, spec, loc, mod, rejected, choice)
     rewrite_site(gm, m, name, f"attnfuse: {spec.describe()} -> {name}")
-    return Site(0, gi, "eager_softmax", name, why, spec, loc, mod, rejected)
+    return _site(gi, "eager_softmax", name, why, spec, loc, mod, rejected, choice)
 
 
 def _sdpa_args(node: Node) -> dict[str, Any]:
@@ -171,14 +197,16 @@ def _sdpa_site(gm: GraphModule, node: Node, opts: Options, gi: int) -> Site:
         requires_grad=any(t.requires_grad for t in (qm, km, vm)), source="sdpa",
         location=loc, module_path=mod, rules=("scaled_dot_product_attention",))
     if opts.keep_sdpa and opts.kernel in (None, "auto"):
-        return Site(0, gi, "sdpa", "sdpa", "existing SDPA call kept on PyTorch's backends "
-                    "(keep_sdpa=True; force kernel='flash' to replace it)", spec, loc, mod)
-    name, why, rejected = _choose(qm, km, vm, mm, causal, opts)
+        return Site(0, gi, "sdpa", "sdpa", "existing SDPA call kept on PyTorch's default "
+                    "dispatch (keep_sdpa=True)", spec, loc, mod)
+    name, why, rejected, choice = _choose(qm, km, vm, mm, causal, opts, scale=float(scale),
+                                          source="sdpa")
     if name is None:
-        return Site(0, gi, "sdpa", "sdpa", why + "; kept on PyTorch's SDPA", spec, loc, mod, rejected)
+        return _site(gi, "sdpa", "sdpa", why + "; kept on PyTorch's SDPA", spec, loc, mod,
+                     rejected, choice)
     rewrite_sdpa(gm, node, q, k, v, mask, float(scale), causal, name,
                  f"attnfuse: {spec.describe()} -> {name}")
-    return Site(0, gi, "sdpa", name, why, spec, loc, mod, rejected)
+    return _site(gi, "sdpa", name, why, spec, loc, mod, rejected, choice)
 
 
 def _mha_site(gm: GraphModule, node: Node, opts: Options, gi: int) -> Site:
@@ -195,11 +223,13 @@ def _mha_site(gm: GraphModule, node: Node, opts: Options, gi: int) -> Site:
         q=TensorInfo.of(qm), k=TensorInfo.of(km), v=TensorInfo.of(km), scale=f["d"] ** -0.5,
         scale_expr=f"1/sqrt({f['d']})", requires_grad=bool(like.requires_grad), source=pattern,
         location=loc, module_path=mod, rules=(f"{pattern}->lowered onto attnfuse::attention",))
-    name, why, rejected = _choose(qm, km, km, None, "none", opts)
+    # The lowering builds PyTorch's own masks (additive -inf), so SDPA backends keep its meaning.
+    name, why, rejected, choice = _choose(qm, km, km, lower.mask_meta(f), "none", opts,
+                                          source="sdpa")
     if name is None:
-        return Site(0, gi, pattern, None, why, spec, loc, mod, rejected)
+        return _site(gi, pattern, None, why, spec, loc, mod, rejected, choice)
     lower.lower(node, name, f"attnfuse: {spec.describe()} -> {name}")
-    return Site(0, gi, pattern, name, why, spec, loc, mod, rejected)
+    return _site(gi, pattern, name, why, spec, loc, mod, rejected, choice)
 
 
 def _snapshot(gm: GraphModule) -> GraphSnapshot:
@@ -243,8 +273,36 @@ def rewrite_attention(gm: GraphModule, example_inputs: Sequence[Any], opts: Opti
         gm.recompile()
     for i, s in enumerate(sites):
         s.index = i
-        log.info("attnfuse site %d %s %s -> %s: %s", i, s.module_path, s.location, s.kernel, s.reason)
-    return Report(sites, [before], [_snapshot(gm) if changed else before])
+        _log_site(s)
+    report = Report(sites, [before], [_snapshot(gm) if changed else before])
+    log.info("attnfuse: graph with %d attention site(s): %d fused, %d kept", len(sites),
+             len(report.fused), len(report.kept))
+    _trace(report)
+    return report
+
+
+def _log_site(s: Site) -> None:
+    """INFO: one line per site; DEBUG (``TORCH_LOGS="+attnfuse"``): rules, spec, candidates."""
+    log.info("attnfuse site %d %s %s -> %s: %s", s.index, s.module_path, s.location, s.kernel,
+             s.reason)
+    if s.spec is not None:
+        log.debug("attnfuse site %d: %s; rules: %s", s.index, s.spec.describe(),
+                  ", ".join(s.spec.rules))
+    for c in s.candidates:
+        log.debug("attnfuse site %d candidate %s: predicted %s ms, measured %s ms%s", s.index,
+                  c.kernel, c.predicted_ms, c.measured_ms,
+                  f", rejected: {'; '.join(c.reasons)}" if c.reasons else "")
+
+
+def _trace(report: Report) -> None:
+    """The report as an ``attnfuse_rewrites`` artifact of ``TORCH_TRACE`` (shown by tlparse)."""
+    try:
+        from torch._logging import trace_structured
+    except ImportError:
+        return
+    trace_structured("artifact", metadata_fn=lambda: {"name": "attnfuse_rewrites",
+                                                      "encoding": "json"},
+                     payload_fn=report.to_json)
 
 
 _REPORTS: list[Report] = []
@@ -303,18 +361,21 @@ def _call(fn: Callable, example_inputs: Any) -> Any:
 
 def optimize(model: torch.nn.Module, example_inputs: Any = None, *, policy: str = "exact",
              inner: str = "inductor", kernel: Optional[str] = None, dynamic: Optional[bool] = None,
-             keep_sdpa: bool = True, mode: Optional[str] = None) -> torch.nn.Module:
+             keep_sdpa: bool = False, mode: Optional[str] = None,
+             tune: Optional[bool] = None) -> torch.nn.Module:
     """Return a module computing what ``model`` computes, with its attention fused.
 
     With ``example_inputs`` (a tensor, a tuple of positional args, or a dict of keyword args) the
     model is compiled here, once; the report is at ``.attnfuse_report``. ``dynamic`` is
     ``torch.compile``'s; ``mode`` is Inductor's (``"reduce-overhead"`` for CUDA graphs,
-    ``"max-autotune"``, ...), as in ``torch.compile(mode=...)``.
+    ``"max-autotune"``, ...), as in ``torch.compile(mode=...)``. ``tune``: time candidate
+    kernels on each site's shapes (default: on CUDA); see :class:`Options`.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}; "
                         f"for a function use torch.compile(fn, backend='attnfuse')")
-    opts = Options(policy=policy, inner=inner, kernel=kernel, keep_sdpa=keep_sdpa, mode=mode)
+    opts = Options(policy=policy, inner=inner, kernel=kernel, keep_sdpa=keep_sdpa, mode=mode,
+                   tune=tune)
     report = Report()
     compiled = torch.compile(model, backend=make_backend(opts, report), dynamic=dynamic)
     compiled.attnfuse_report = report
@@ -325,11 +386,12 @@ def optimize(model: torch.nn.Module, example_inputs: Any = None, *, policy: str 
 
 
 def explain(model: torch.nn.Module, example_inputs: Any, *, policy: str = "exact",
-            kernel: Optional[str] = None, keep_sdpa: bool = True) -> Report:
+            kernel: Optional[str] = None, keep_sdpa: bool = False,
+            tune: Optional[bool] = None) -> Report:
     """Capture ``model`` on ``example_inputs`` and report every attention site and decision.
 
     Runs the model once (without gradients); the rest of the graph runs eagerly.
     """
     fast = optimize(model, example_inputs, policy=policy, inner="eager", kernel=kernel,
-                    keep_sdpa=keep_sdpa)
+                    keep_sdpa=keep_sdpa, tune=tune)
     return fast.attnfuse_report

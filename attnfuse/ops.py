@@ -20,7 +20,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .kernels import registry
+from .kernels import registry, sdpa
 from .kernels.reference import NO_WINDOW, check_dropout, check_seed, check_softcap, check_window
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -239,7 +239,9 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
       W tokens is ``is_causal=True, window=(W - 1, 0)``. It combines with the mask and causality;
     * ``softcap``: Gemma 2's tanh soft-capping of the scaled scores, ``softcap·tanh(s/softcap)``,
       applied before the mask; 0 = off;
-    * ``kernel=``: one of ``"auto"``, ``"flash"``, ``"reference"``.
+    * ``kernel=``: ``"auto"`` (the cost model's choice, timed and cached on CUDA: see
+      ``attnfuse/tune``), or one of ``"flash"``, ``"reference"``, ``"sdpa_cudnn"``,
+      ``"sdpa_flash"``, ``"sdpa_efficient"``, ``"sdpa_math"`` (PyTorch's backends, pinned).
 
     Rows with no key to attend give 0. With dropout, the keep-mask comes from a seed drawn from
     torch's generator on the query's device (``torch.manual_seed`` makes a run reproducible, and
@@ -257,9 +259,46 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
         raise ValueError(f"unknown kernel {kernel!r}: expected one of {registry.kernel_names()}")
     causal = _causal(is_causal)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if (kernel == "auto" and not torch.compiler.is_compiling()) or registry.is_sdpa(kernel):
+        kernel = _choose_eager(q, k, v, attn_mask, causal, kernel, (left, right), softcap,
+                               dropout_p, scale)
+    if registry.is_sdpa(kernel):
+        return sdpa.call(q, k, v, attn_mask, scale, causal != "none", kernel)
     seed = None
     if dropout_p > 0:
         seed = torch.randint(0, 2 ** 62, (1,), device=q.device, dtype=torch.int64)
     out, _ = torch.ops.attnfuse.attention(q, k, v, attn_mask, scale, causal, float("-inf"), kernel,
                                           softcap, left, right, dropout_p, seed)
     return out
+
+
+def _choose_eager(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: str,
+                  kernel: str, window: tuple[int, int], softcap: float, dropout_p: float,
+                  scale: float) -> str:
+    """The kernel for an eager call: the selector's (memoised per shape class), or a forced SDPA
+    backend after checking it can run these inputs."""
+    m4 = as_4d(mask)
+    kw = dict(window=window, softcap=softcap, dropout_p=dropout_p, source="sdpa",
+              mask_grad=bool(m4 is not None and m4.requires_grad))
+    if kernel != "auto":
+        reasons = registry.rejections(kernel, q, k, v, m4, causal, **kw)
+        if reasons:
+            raise ValueError(f"kernel={kernel!r} cannot run these inputs: {'; '.join(reasons)}")
+        return kernel
+    training = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, m4))
+    # A cheap exact key first: the selector's own key costs more than a small attention call.
+    fast = (q.shape, k.shape, v.shape, q.stride(), q.dtype, q.device, causal, window, softcap,
+            dropout_p, training, None if m4 is None else (m4.shape, m4.stride(), m4.dtype))
+    name = _EAGER_CHOICES.get(fast)
+    if name is None:
+        from .tune.select import Problem, choose
+        choice = choose(Problem.of(q, k, v, m4, causal, training=training, scale=scale, **kw),
+                        q, k, v, m4)
+        if not choice.kernel:
+            raise ValueError(choice.reason)
+        name = _EAGER_CHOICES[fast] = choice.kernel
+    return name
+
+
+_EAGER_CHOICES: dict[tuple, str] = {}

@@ -452,7 +452,10 @@ def time_features(run: Run, bwd: bool) -> None:
         ("padding bool [B,1,1,N]", h, False, lambda: _keypad(b, n, pad, dev, torch.bool), None,
          full, "10 % of keys masked at the end; pairs counted as full N²"),
     ]
+    only = getattr(run.args, "features", None)
     for feature, hkv, causal, make_mask, win, pairs, note in rows:
+        if only and not any(word in feature for word in only.split(",")):
+            continue
         if run.over_budget():
             return
         flops = 4.0 * b * h * d * pairs
@@ -802,6 +805,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="N in 1k,4k unless --n is given")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds after which no new shape is started (results so far kept)")
+    parser.add_argument("--features", default=None,
+                        help="features part: only rows whose name contains one of these "
+                             "comma-separated words (e.g. plain,padding)")
     parser.add_argument("--out", default=None, help="JSON file of every measurement")
     parser.add_argument("--append", action="store_true", help="merge into an existing --out file")
     parser.add_argument("--table", nargs="+", default=None, metavar="PATH",

@@ -17,11 +17,12 @@ def softmax_count(gm: torch.fx.GraphModule) -> int:
 
 
 def fused_op_count(gm: torch.fx.GraphModule) -> int:
-    """Fused ops in the graph, counting lowered multi-head attention calls (one op inside each)."""
+    """Fused ops in the graph: the attnfuse op, pinned SDPA calls, and lowered multi-head attention
+    calls (one fused call inside each)."""
+    from attnfuse.kernels import sdpa
     from attnfuse.passes.lower import LOWERINGS
-    lowered = tuple(LOWERINGS.values())
-    return sum(1 for n in gm.graph.nodes
-               if n.target is torch.ops.attnfuse.attention.default or n.target in lowered)
+    fused = (*LOWERINGS.values(), sdpa.call, torch.ops.attnfuse.attention.default)
+    return sum(1 for n in gm.graph.nodes if n.target in fused)
 
 
 def check_rewrite(model: torch.nn.Module, inputs: Sequence[Any], *, fused: int, kept: int = 0,

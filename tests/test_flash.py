@@ -228,6 +228,181 @@ def test_additive_mask_expanded_and_noncontiguous():
     assert grads[3].shape == (2, 2, 17, 30)
 
 
+# ----------------------------------------------------------------------------- row-broadcast masks
+# A mask with query-row stride 0 (key padding [B,1,1,Nk], biases [B,H,1,Nk] / [1,H,1,Nk]) runs
+# the kernels' MASK_ROWS_BCAST variant: one [BLOCK_N] mask row per key tile, broadcast over rows.
+
+def _key_padding(lengths, nk):
+    """Bool key-padding mask [B, 1, 1, Nk]: batch b attends to its first lengths[b] keys."""
+    keep = torch.arange(nk)[None, :] < torch.tensor(lengths)[:, None]
+    return keep[:, None, None, :].to(DEVICE)
+
+
+def _rows_bcast(mask, q):
+    return flash._mask_args(mask, q)[2]["MASK_ROWS_BCAST"]
+
+
+def check_empty_batch(out, lse, grads, b):
+    """Batch ``b`` attends to no key at all: out 0, lse -inf, and dq, dk, dv all 0."""
+    assert (out[b] == 0).all() and (lse[b] == NEG_INF).all()
+    for g in grads[:3]:
+        assert (g[b] == 0).all()
+
+
+@pytest.mark.parametrize("fill,dtype,causal,d", [
+    (NEG_INF, torch.float16, "none", 40),
+    (-1e4, torch.bfloat16, "none", 72),
+    (torch.finfo(torch.float16).min, torch.float16, "none", 40),
+    (NEG_INF, torch.bfloat16, "top_left", 72),
+    (NEG_INF, torch.float16, "bottom_right", 40),
+    (-1e4, torch.float16, "bottom_right", 72),
+])
+def test_key_padding_bool(fill, dtype, causal, d):
+    """Bool key padding [B,1,1,Nk]; batch 1 has every key padded: with -inf fill it is empty
+    (out 0, lse -inf, zero grads), with a finite fill a uniform average (filled scores are the
+    fill itself, not score + fill)."""
+    gen = _gen("key_padding_bool", fill, dtype, causal, d)
+    q, k, v = _qkv(gen, b=2, hq=2, hkv=2, nq=17, nk=33, d=d, dtype=dtype)
+    mask = _key_padding([21, 0], 33)
+    assert _rows_bcast(mask, q)
+    out, lse, grads = check(gen, q, k, v, mask, causal=causal, mask_fill=fill)
+    if fill == NEG_INF:
+        check_empty_batch(out, lse, grads, 1)
+    else:
+        assert lse[1].isfinite().all()
+        uniform = v[1].float().mean(1, keepdim=True).expand(2, 17, d)
+        if causal == "none":
+            torch.testing.assert_close(out[1].float(), uniform, atol=2e-2, rtol=2e-2)
+
+
+def test_key_padding_finite_fill_bf16_min():
+    """fill = finfo(bfloat16).min (as HF models pad; ~-3.4e38, clamped to a huge finite base-2
+    score) on partly padded rows, the lengths ending inside different key tiles."""
+    gen = _gen("key_padding_bf16_min")
+    q, k, v = _qkv(gen, b=2, hq=1, hkv=1, nq=19, nk=40, d=40, dtype=torch.bfloat16)
+    check(gen, q, k, v, _key_padding([33, 7], 40), mask_fill=torch.finfo(torch.bfloat16).min)
+
+
+@pytest.mark.parametrize("hq,hkv,causal", [(4, 2, "none"), (4, 1, "bottom_right")])
+def test_key_padding_gqa(hq, hkv, causal):
+    """GQA with key padding, Nq != Nk; also [B,Hq,1,Nk] (per-head rows) read the same way."""
+    gen = _gen("key_padding_gqa", hq, hkv, causal)
+    q, k, v = _qkv(gen, b=2, hq=hq, hkv=hkv, nq=21, nk=35, d=40, dtype=torch.bfloat16)
+    mask = _key_padding([35, 9], 35)
+    assert _rows_bcast(mask, q)
+    check(gen, q, k, v, mask, causal=causal)
+    per_head = _bool_mask(gen, (2, hq, 1, 35), p=0.8)
+    per_head[1, 0] = False                              # one head of batch 1 sees no key
+    assert _rows_bcast(per_head, q)
+    out, lse, grads = check(gen, q, k, v, per_head, causal=causal)
+    assert (out[1, 0] == 0).all() and (lse[1, 0] == NEG_INF).all() and (grads[0][1, 0] == 0).all()
+
+
+@pytest.mark.parametrize("shape,mdtype,d", [("key_padding", torch.float32, 40),
+                                            ("key_padding", torch.bfloat16, 72),
+                                            ("per_head", torch.float32, 72),
+                                            ("per_head", torch.float16, 40)])
+def test_row_broadcast_bias_with_grad(shape, mdtype, d):
+    """Additive biases [B,1,1,Nk] and [1,H,1,Nk] with -inf entries, requiring grad: dmask (dS
+    summed over the broadcast rows, heads or batches) against the reference. For [B,1,1,Nk]
+    batch 1's keys are all -inf: an empty batch."""
+    gen = _gen("row_bias", shape, mdtype, d)
+    b, h, nq, nk = 2, 2, 17, 33
+    q, k, v = _qkv(gen, b=b, hq=h, hkv=1, nq=nq, nk=nk, d=d)
+    dims = {"key_padding": (b, 1, 1, nk), "per_head": (1, h, 1, nk)}[shape]
+    mask = _additive_mask(gen, dims)
+    if shape == "key_padding":
+        mask[1] = NEG_INF
+    mask = mask.to(DEVICE, mdtype)
+    assert _rows_bcast(mask, q)
+    out, lse, grads = check(gen, q, k, v, mask, mask_grad=True)
+    assert grads[3].shape == dims and grads[3].dtype == mdtype
+    if shape == "key_padding":
+        check_empty_batch(out, lse, grads, 1)
+        assert (grads[3][1] == 0).all()
+
+
+@pytest.mark.parametrize("nq,nk,causal", [(17, 33, "top_left"), (33, 17, "bottom_right"),
+                                          (1, 40, "none")])
+def test_row_broadcast_bias_odd_lengths(nq, nk, causal):
+    """Ragged key tiles (the row is bounds-checked on edge tiles only), causal, decode (Nq = 1:
+    a full [B,H,1,Nk] mask is a row-broadcast one)."""
+    gen = _gen("row_bias_lengths", nq, nk, causal)
+    q, k, v = _qkv(gen, b=2, hq=2, hkv=2, nq=nq, nk=nk, d=40, dtype=torch.bfloat16)
+    mask = _additive_mask(gen, (2, 2 if nq == 1 else 1, 1, nk)).to(DEVICE, torch.bfloat16)
+    assert _rows_bcast(mask, q)
+    check(gen, q, k, v, mask, causal=causal, mask_grad=True)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+def test_row_broadcast_with_softcap_dropout_window(mask_kind):
+    """Key padding under a soft-cap (the row rides on the cap's scale), dropout and a window."""
+    gen = _gen("row_cap_drop", mask_kind)
+    q, k, v = _capped_qkv(gen, 5.0, b=2, hq=2, hkv=1, nq=19, nk=37, d=40, dtype=torch.bfloat16)
+    if mask_kind == "bool":
+        mask, grad = _key_padding([37, 11], 37), False
+    else:
+        mask, grad = _additive_mask(gen, (2, 1, 1, 37)).to(DEVICE, torch.bfloat16), True
+    assert _rows_bcast(mask, q)
+    check(gen, q, k, v, mask, causal="bottom_right", mask_fill=-1e4, softcap=5.0,
+          window=(20, -1), dropout_p=0.2, mask_grad=grad)
+
+
+@pytest.mark.parametrize("kind", ["bool_inf", "bool_finite", "additive"])
+def test_row_broadcast_matches_dense(kind):
+    """The row-broadcast reads agree with the dense-tile reads of the same mask materialised
+    [B,H,Nq,Nk] (bitwise under the interpreter, where the arithmetic is the same)."""
+    gen = _gen("row_vs_dense", kind)
+    b, h, nq, nk = 2, 2, 20, 37
+    q, k, v = _qkv(gen, b=b, hq=h, hkv=h, nq=nq, nk=nk, d=40)
+    fill = -1e4 if kind == "bool_finite" else NEG_INF
+    if kind == "additive":
+        row = _additive_mask(gen, (b, 1, 1, nk)).to(DEVICE)
+    else:
+        row = _key_padding([30, 3], nk)
+    dense = row.expand(b, h, nq, nk).contiguous()
+    assert _rows_bcast(row, q) and not _rows_bcast(dense, q)
+    dout = _randn(gen, (b, h, nq, q.shape[-1]), q.dtype)
+    grad = kind == "additive"
+    results = []
+    for m in (row, dense):
+        out, lse = flash_forward(q, k, v, m, mask_fill=fill, causal="top_left")
+        results.append((out, lse, *flash_backward(dout, q, k, v, m, out, lse, causal="top_left",
+                                                  mask_fill=fill, mask_grad=grad)))
+    names = ("out", "lse", "dq", "dk", "dv", "dmask")
+    for name, a, c in zip(names, *results):
+        if name == "dmask":
+            if not grad:
+                continue
+            c = c.sum((1, 2), keepdim=True)              # the dense mask's grad, reduced
+        if flash._INTERPRET and name != "dmask":
+            assert torch.equal(a, c), name
+        else:
+            torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_row_broadcast_flag_and_configs():
+    """Which masks take the row-broadcast variant, and that they autotune like unmasked launches
+    (the narrow/plain/banded tables) under their own autotuning key."""
+    q = torch.zeros(2, 2, 17, 64, device=DEVICE, dtype=torch.float16)
+    kp = torch.ones(2, 1, 1, 33, dtype=torch.bool, device=DEVICE)
+    assert _rows_bcast(kp, q)
+    assert _rows_bcast(torch.zeros(1, 2, 1, 33, device=DEVICE), q)
+    assert _rows_bcast(kp.expand(2, 2, 17, 33), q)                   # stride-0 query rows
+    assert not _rows_bcast(torch.ones(2, 1, 17, 33, dtype=torch.bool, device=DEVICE), q)
+    assert not _rows_bcast(None, q)
+    assert "MASK_ROWS_BCAST" in flash._TUNE_KEY
+    base = dict(BLOCK_D=64, BLOCK_DV=64, PREC="tf32", BANDED=0)
+    row = dict(base, MASK_KIND=flash._BOOL_MASK.value, MASK_ROWS_BCAST=True)
+    dense = dict(base, MASK_KIND=flash._BOOL_MASK.value, MASK_ROWS_BCAST=False)
+    none = dict(base, MASK_KIND=flash._NO_MASK.value, MASK_ROWS_BCAST=False)
+    for forward in (True, False):
+        assert flash._situation(row, forward) == flash._situation(none, forward)
+        assert flash._situation(dense, forward) == "masked"
+    assert flash._situation(dict(row, BANDED=1), True) == "banded"
+    assert flash._situation(dict(row, BLOCK_D=128, BLOCK_DV=128), True) == "plain"
+
+
 def test_mask_grad_needs_float_mask():
     gen = _gen("mask_grad_bool")
     q, k, v = _qkv(gen)

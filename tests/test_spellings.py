@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from attnfuse.kernels import registry
 from helpers import check_rewrite
 from test_rewrite import B, D, H, N, Fn, qkv
 
@@ -39,7 +40,7 @@ PRODUCTS = {
 @pytest.mark.parametrize("name", sorted(PRODUCTS))
 def test_products(name: str) -> None:
     r = check_rewrite(Fn(PRODUCTS[name]), qkv(), fused=1)
-    assert r.sites[0].kernel == "reference"
+    assert r.sites[0].kernel in registry.candidates("cpu")
 
 
 def test_einsum_bqhd_layout_and_output_permuted() -> None:

@@ -4,12 +4,16 @@ Legend (the symbols of ``reference.py``; every tile comment uses them)::
 
     q   [B, Hq,  Nq, D]     k [B, Hkv, Nk, D]     v [B, Hkv, Nk, Dv]     G = Hq // Hkv
     out [B, Hq,  Nq, Dv]    lse [B, Hq, Nq]   (fp32, natural log, -inf on rows with no key)
-    mask read through strides as [B, Hq, Nq, Nk] (stride 0 on broadcast dims), never expanded
+    mask read through strides as [B, Hq, Nq, Nk] (stride 0 on broadcast dims), never expanded;
+    with query-row stride 0 (key padding [B,1,1,Nk], biases [B,Hq,1,Nk]) MASK_ROWS_BCAST reads
+    one [BLOCK_N] row per key tile and broadcasts it over the query rows
 
     Scores are kept in base 2 (log2 e folded into the scale, so every exponential is one exp2):
     s   = scale·log2e·q·kᵀ
     s   = softcap·log2e·t,  t = tanh(scale·q·kᵀ / softcap)     only with HAS_SOFTCAP, pre-mask
     s   = s + log2e·mask   or  log2e·mask_fill where a bool mask is False
+          MASK_ROWS_BCAST: one FMA per score, s = y·c' + b' where y·c is the unmasked s and,
+          per key, c' = c, b' = log2e·mask (additive), b' = 0 (kept) or c' = 0, b' = log2e·fill
     s   = -inf outside the band  i + off − left <= j <= i + off + right  and outside Nk
           (causal is the band with right = 0; off = Nk − Nq for bottom-right alignment, else 0)
     m   = running row max of s    p = exp2(s − m)    l = running row sum of p
@@ -30,10 +34,10 @@ Kernels: ``_fwd_kernel`` (grid: query blocks x Hq x B, longest causal blocks fir
 heads and their query tiles) and ``_bwd_dq_kernel`` (a Q block stays put, loops over key tiles;
 optionally stores dS for the mask gradient). The backward uses no atomics, so it is
 deterministic: the same inputs give bitwise the same gradients, run after run. Variants (mask kind,
-soft-cap, dropout, fp32 dots, dS output, tensor-descriptor loads) are constexpr flags;
-``softcap=0``/``dropout_p=0`` compile no cap/RNG code. On Hopper (sm_90+) the forward may load
-through TMA tensor descriptors when strides allow; every other GPU (and the interpreter, unless
-asked) uses pointer loads, so the same kernel builds for sm_80.
+row-broadcast mask, soft-cap, dropout, fp32 dots, dS output, tensor-descriptor loads) are
+constexpr flags; ``softcap=0``/``dropout_p=0`` compile no cap/RNG code. On Hopper (sm_90+) the
+forward may load through TMA tensor descriptors when strides allow; every other GPU (and the
+interpreter, unless asked) uses pointer loads, so the same kernel builds for sm_80.
 """
 from __future__ import annotations
 
@@ -94,16 +98,64 @@ def _load(Ptr, rows, cols, stride, NR, NC, CHECK_ROWS: tl.constexpr, CHECK_COLS:
 
 
 @triton.jit
+def _bias2(bias):
+    """Additive-mask entries in base 2 (fp32), finite ones clamped to at least _MIN_SCORE2."""
+    bias = bias.to(tl.float32)
+    return tl.where(bias == float("-inf"), bias, tl.maximum(bias * _LOG2E, _MIN_SCORE2))
+
+
+@triton.jit
 def _user_mask(s, rows, cols, Mask, smm, smn, NQ, NK, fill2, MASK_KIND: tl.constexpr):
-    """Apply the user's bool/additive mask (read by strides) to base-2 scores."""
+    """Apply the user's bool/additive mask (a dense tile read by strides) to base-2 scores."""
     if MASK_KIND != _NO_MASK:
         inside = (rows < NQ) & (cols < NK)
         ptrs = Mask + rows * smm + cols * smn
         if MASK_KIND == _BOOL_MASK:  # read as uint8; out-of-range entries count as kept
             s = tl.where(tl.load(ptrs, mask=inside, other=1) != 0, s, fill2)
         else:
-            bias = tl.load(ptrs, mask=inside, other=0.0).to(tl.float32)
-            s = s + tl.where(bias == float("-inf"), bias, tl.maximum(bias * _LOG2E, _MIN_SCORE2))
+            s = s + _bias2(tl.load(ptrs, mask=inside, other=0.0))
+    return s
+
+
+@triton.jit
+def _mask_row(Mask, start_n, smn, NK, CHECK: tl.constexpr, MASK_KIND: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """The mask row every query row shares (MASK_ROWS_BCAST: query-row stride 0, e.g. key
+    padding) over keys [start_n, start_n + BLOCK_N): keep flags (bool mask, read as uint8) or
+    the base-2 additive bias. With CHECK, keys past Nk read as kept / 0 (the band drops them).
+    Addressed from the scalar start_n, not from the tile's key indices: a software-pipelined
+    prefetch of this load then carries no [BLOCK_N] index vector across stages."""
+    idx = tl.arange(0, BLOCK_N)
+    ptrs = Mask + start_n * smn + idx * smn  # [BLOCK_N]
+    if MASK_KIND == _BOOL_MASK:
+        if CHECK:
+            row = tl.load(ptrs, mask=idx < NK - start_n, other=1) != 0
+        else:
+            row = tl.load(ptrs) != 0
+    else:
+        if CHECK:
+            row = _bias2(tl.load(ptrs, mask=idx < NK - start_n, other=0.0))
+        else:
+            row = _bias2(tl.load(ptrs))
+    return row
+
+
+@triton.jit
+def _masked_scores2(y, c, mrow, rows, cols, Mask, smm, smn, NQ, NK, fill2,
+                    MASK_KIND: tl.constexpr, MASK_ROWS_BCAST: tl.constexpr):
+    """Base-2 scores c·y (see ``_raw_scores``) under the user's mask. MASK_ROWS_BCAST: ``mrow``
+    (``_mask_row`` broadcast over the query axis, [1, BLOCK_N] or [BLOCK_N, 1]) rides on the
+    scale in one FMA, no mask tile is read; otherwise the dense tile (``_user_mask``)."""
+    if MASK_ROWS_BCAST:
+        if MASK_KIND == _BOOL_MASK:
+            # A filled score is exactly the fill (the score plus the fill only agrees for an
+            # infinite fill). A select keeps one [BLOCK_N] vector of flags live, not two fp32
+            # vectors (multiplier and addend), for fewer registers (sm_90, 128x128 tiles).
+            s = tl.where(mrow, y * c, fill2)
+        else:
+            s = y * c + mrow
+    else:
+        s = _user_mask(y * c, rows, cols, Mask, smm, smn, NQ, NK, fill2, MASK_KIND)
     return s
 
 
@@ -155,17 +207,19 @@ def _tanh_parts(x):
 
 
 @triton.jit
-def _scores2(q, kT, scale, softcap, PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """``(s, 1 − t²)``: base-2 scores scale·log2e·q·kᵀ, soft-capped with HAS_SOFTCAP (else
-    1 − t² is a dummy 1)."""
+def _raw_scores(q, kT, scale, softcap, PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """``(y, c, 1 − t²)`` with the unmasked base-2 scores s = c·y: y = q·kᵀ and c = scale·log2e;
+    with HAS_SOFTCAP y = t = tanh(scale·q·kᵀ / softcap) and c = softcap·log2e (else 1 − t² is a
+    dummy 1). The caller multiplies, so a row-broadcast mask can share that FMA."""
     x = tl.dot(q, kT, input_precision=PREC)
     if HAS_SOFTCAP:
-        t, dt = _tanh_parts(x * (scale / softcap))
-        s = (softcap * _LOG2E) * t
+        y, dt = _tanh_parts(x * (scale / softcap))
+        c = softcap * _LOG2E
     else:
-        s = x * (scale * _LOG2E)
+        y = x
+        c = scale * _LOG2E
         dt = 1.0
-    return s, dt
+    return y, c, dt
 
 
 @triton.jit
@@ -240,12 +294,14 @@ def _load_lse2(ptrs, valid):
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, K, V, desc_k, desc_v, Mask, seed, bh, b32, hk32, offs_m, lo, hi,
                skn, svn, smm, smn, NQ, NK, scale, fill2, offset, left, right, softcap, drop_p,
-               EDGE: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-               FOLD_SCALE: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr,
-               HAS_SOFTCAP: tl.constexpr, USE_DESC: tl.constexpr, BLOCK_N: tl.constexpr,
-               D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+               EDGE: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS_BCAST: tl.constexpr,
+               DROPOUT: tl.constexpr, FOLD_SCALE: tl.constexpr, PREC: tl.constexpr,
+               EMU_BF16: tl.constexpr, HAS_SOFTCAP: tl.constexpr, USE_DESC: tl.constexpr,
+               BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_DV: tl.constexpr):
     """Online softmax over the key tiles [lo, hi): the FlashAttention-2 inner loop. EDGE tiles
-    apply the band and bounds; full tiles skip them."""
+    apply the band and bounds; full tiles skip them. A row-broadcast mask (MASK_ROWS_BCAST) is
+    one [BLOCK_N] load per key tile, folded with the scale into one FMA."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
@@ -263,9 +319,14 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, desc_k, desc_v, Mask, seed, bh, b32, hk32
             m_safe = m_new
             p = tl.math.exp2(x * (scale * _LOG2E) - m_new[:, None])  # [BLOCK_M, BLOCK_N]
         else:
-            s, _ = _scores2(q, kT, scale, softcap, PREC, HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
-            s = _user_mask(s, offs_m[:, None], offs_n[None, :], Mask, smm, smn, NQ, NK, fill2,
-                           MASK_KIND)
+            y, c, _ = _raw_scores(q, kT, scale, softcap, PREC, HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
+            if MASK_ROWS_BCAST:  # the same mask for every query row: a vector, no tile
+                mrow = _mask_row(Mask, start_n, smn, NK, EDGE, MASK_KIND,
+                                 BLOCK_N)[None, :]  # [1, BLOCK_N]
+            else:
+                mrow = 0
+            s = _masked_scores2(y, c, mrow, offs_m[:, None], offs_n[None, :], Mask, smm, smn,
+                                NQ, NK, fill2, MASK_KIND, MASK_ROWS_BCAST)  # [BLOCK_M, BLOCK_N]
             if EDGE:
                 s = _band(s, offs_m[:, None], offs_n[None, :], NK, offset, left, right)
             m_new = tl.maximum(m_i, tl.max(s, 1))  # [BLOCK_M]
@@ -294,8 +355,9 @@ def _fwd_kernel(Q, K, V, Mask, Out, Lse, Seed, desc_q, desc_k, desc_v, desc_o,
                 HQ, GROUP, NQ, NK, scale, fill2, offset, left, right, softcap, drop_p, keep_scale,
                 NQ_BUCKET, NK_BUCKET, BANDED, DESC_OK,
                 D: tl.constexpr, DV: tl.constexpr, MASK_KIND: tl.constexpr,
-                HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, FOLD_SCALE: tl.constexpr,
-                PREC: tl.constexpr, EMU_BF16: tl.constexpr, USE_DESC: tl.constexpr,
+                MASK_ROWS_BCAST: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+                FOLD_SCALE: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr,
+                USE_DESC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_DV: tl.constexpr):
     """out and lse for one query block of one query head."""
@@ -326,19 +388,19 @@ def _fwd_kernel(Q, K, V, Mask, Out, Lse, Seed, desc_q, desc_k, desc_v, desc_o,
     t0, f0, f1, t1 = _key_tiles(start_m, NK, offset, left, right, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, desc_k, desc_v, Mask, seed, bh, b32, hk32,
                                offs_m, f0, f1, skn, svn, smm, smn, NQ, NK, scale, fill2, offset,
-                               left, right, softcap, drop_p, False, MASK_KIND, DROPOUT,
-                               FOLD_SCALE, PREC, EMU_BF16, HAS_SOFTCAP, USE_DESC, BLOCK_N, D, DV,
-                               BLOCK_D, BLOCK_DV)
+                               left, right, softcap, drop_p, False, MASK_KIND, MASK_ROWS_BCAST,
+                               DROPOUT, FOLD_SCALE, PREC, EMU_BF16, HAS_SOFTCAP, USE_DESC,
+                               BLOCK_N, D, DV, BLOCK_D, BLOCK_DV)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, desc_k, desc_v, Mask, seed, bh, b32, hk32,
                                offs_m, t0, f0, skn, svn, smm, smn, NQ, NK, scale, fill2, offset,
-                               left, right, softcap, drop_p, True, MASK_KIND, DROPOUT,
-                               FOLD_SCALE, PREC, EMU_BF16, HAS_SOFTCAP, USE_DESC, BLOCK_N, D, DV,
-                               BLOCK_D, BLOCK_DV)
+                               left, right, softcap, drop_p, True, MASK_KIND, MASK_ROWS_BCAST,
+                               DROPOUT, FOLD_SCALE, PREC, EMU_BF16, HAS_SOFTCAP, USE_DESC,
+                               BLOCK_N, D, DV, BLOCK_D, BLOCK_DV)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, desc_k, desc_v, Mask, seed, bh, b32, hk32,
                                offs_m, f1, t1, skn, svn, smm, smn, NQ, NK, scale, fill2, offset,
-                               left, right, softcap, drop_p, True, MASK_KIND, DROPOUT,
-                               FOLD_SCALE, PREC, EMU_BF16, HAS_SOFTCAP, USE_DESC, BLOCK_N, D, DV,
-                               BLOCK_D, BLOCK_DV)
+                               left, right, softcap, drop_p, True, MASK_KIND, MASK_ROWS_BCAST,
+                               DROPOUT, FOLD_SCALE, PREC, EMU_BF16, HAS_SOFTCAP, USE_DESC,
+                               BLOCK_N, D, DV, BLOCK_D, BLOCK_DV)
     empty = l_i == 0.0  # no key at all: out = 0, lse = -inf
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc * (keep_scale / l_safe)[:, None]  # [BLOCK_M, BLOCK_DV]
@@ -370,13 +432,15 @@ def _bwd_preprocess(Out, DO, Delta, sob, soh, som, sdb, sdh, sdm, NQ, DV,
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, Q, DO, Lse, Delta, Mask, seed, bh, offs_n, lo, hi,
+def _dkdv_tiles(dk, dv, k, v, Q, DO, Lse, Delta, Mask, mrow, seed, bh, offs_n, lo, hi,
                 sqm, sdm, slm, smm, smn, NQ, NK, scale, fill2, offset, left, right, softcap,
                 drop_p, keep_scale, EDGE: tl.constexpr, MASK_KIND: tl.constexpr,
-                DROPOUT: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr,
-                HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
-                DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """Accumulate dk, dv of one key block over the query tiles [lo, hi) of one query head."""
+                MASK_ROWS_BCAST: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+                EMU_BF16: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
+                D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_DV: tl.constexpr):
+    """Accumulate dk, dv of one key block over the query tiles [lo, hi) of one query head.
+    MASK_ROWS_BCAST: ``mrow`` [BLOCK_N, 1] is the key block's mask row (``_mask_row``)."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in range(lo, hi, BLOCK_M):
@@ -385,9 +449,10 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, Lse, Delta, Mask, seed, bh, offs_n, lo, hi,
         in_m = offs_m < NQ
         q = _operand(_load(Q, offs_m, offs_d, sqm, NQ, D, EDGE, D != BLOCK_D),
                      EMU_BF16)  # [BLOCK_M, BLOCK_D]
-        sT, dtT = _scores2(k, tl.trans(q), scale, softcap, PREC, HAS_SOFTCAP)  # [BLOCK_N, BLOCK_M]
-        sT = _user_mask(sT, offs_m[None, :], offs_n[:, None], Mask, smm, smn, NQ, NK, fill2,
-                        MASK_KIND)
+        yT, c, dtT = _raw_scores(k, tl.trans(q), scale, softcap, PREC,
+                                 HAS_SOFTCAP)  # [BLOCK_N, BLOCK_M]
+        sT = _masked_scores2(yT, c, mrow, offs_m[None, :], offs_n[:, None], Mask, smm, smn, NQ,
+                             NK, fill2, MASK_KIND, MASK_ROWS_BCAST)  # [BLOCK_N, BLOCK_M]
         if EDGE:
             sT = _band(sT, offs_m[None, :], offs_n[:, None], NK, offset, left, right)
         lse2 = _load_lse2(Lse + offs_m * slm, in_m)  # [BLOCK_M]
@@ -406,8 +471,12 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, Lse, Delta, Mask, seed, bh, offs_n, lo, hi,
         dv = tl.dot(_lowp(pdT, do, EMU_BF16), do, dv, input_precision=PREC)  # [BLOCK_N, BLOCK_DV]
         dsT = pT * (dpT - delta[None, :])  # [BLOCK_N, BLOCK_M]
         if MASK_KIND == _BOOL_MASK:  # filled scores are constants: probability but no gradient
-            dsT = tl.where(_keep_bool(Mask, offs_m[None, :], offs_n[:, None], smm, smn, NQ, NK),
-                           dsT, 0.0)
+            if MASK_ROWS_BCAST:
+                attendT = mrow  # [BLOCK_N, 1]
+            else:
+                attendT = _keep_bool(Mask, offs_m[None, :], offs_n[:, None], smm, smn, NQ,
+                                   NK)  # [BLOCK_N, BLOCK_M]
+            dsT = tl.where(attendT, dsT, 0.0)
         if HAS_SOFTCAP:  # through the cap: d(softcap·tanh(x/softcap))/dx = 1 − t²
             dsT = dsT * dtT
         dk = tl.dot(_lowp(dsT, q, EMU_BF16), q, dk, input_precision=PREC)  # [BLOCK_N, BLOCK_D]
@@ -422,7 +491,8 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, DO, Lse, Delta, DK, DV_, Seed,
                      HQ, GROUP, NQ, NK, scale, fill2, offset, left, right, softcap, drop_p,
                      keep_scale, NQ_BUCKET, NK_BUCKET, BANDED,
                      D: tl.constexpr, DV: tl.constexpr, MASK_KIND: tl.constexpr,
-                     HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+                     MASK_ROWS_BCAST: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                     DROPOUT: tl.constexpr, PREC: tl.constexpr,
                      EMU_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """dk, dv for one key block of one kv head, summed over its G query heads (no atomics)."""
@@ -448,18 +518,26 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, DO, Lse, Delta, DK, DV_, Seed,
         Lseh = Lse + b * slb + h * slh
         Deltah = Delta + (b * HQ + h) * NQ
         Maskh = Mask + b * smb + h * smh
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, Lseh, Deltah, Maskh, seed, bh, offs_n, f0, f1,
-                             sqm, sdm, slm, smm, smn, NQ, NK, scale, fill2, offset, left, right,
-                             softcap, drop_p, keep_scale, False, MASK_KIND, DROPOUT, PREC,
-                             EMU_BF16, HAS_SOFTCAP, BLOCK_M, D, DV, BLOCK_D, BLOCK_DV)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, Lseh, Deltah, Maskh, seed, bh, offs_n, t0, f0,
-                             sqm, sdm, slm, smm, smn, NQ, NK, scale, fill2, offset, left, right,
-                             softcap, drop_p, keep_scale, True, MASK_KIND, DROPOUT, PREC,
-                             EMU_BF16, HAS_SOFTCAP, BLOCK_M, D, DV, BLOCK_D, BLOCK_DV)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, Lseh, Deltah, Maskh, seed, bh, offs_n, f1, t1,
-                             sqm, sdm, slm, smm, smn, NQ, NK, scale, fill2, offset, left, right,
-                             softcap, drop_p, keep_scale, True, MASK_KIND, DROPOUT, PREC,
-                             EMU_BF16, HAS_SOFTCAP, BLOCK_M, D, DV, BLOCK_D, BLOCK_DV)
+        if MASK_ROWS_BCAST:  # this head's mask row over the key block, once for every query tile
+            mrow = _mask_row(Maskh, start_n, smn, NK, True, MASK_KIND,
+                             BLOCK_N)[:, None]  # [BLOCK_N, 1]
+        else:
+            mrow = 0
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, Lseh, Deltah, Maskh, mrow, seed, bh, offs_n,
+                             f0, f1, sqm, sdm, slm, smm, smn, NQ, NK, scale, fill2, offset, left,
+                             right, softcap, drop_p, keep_scale, False, MASK_KIND,
+                             MASK_ROWS_BCAST, DROPOUT, PREC, EMU_BF16, HAS_SOFTCAP, BLOCK_M, D,
+                             DV, BLOCK_D, BLOCK_DV)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, Lseh, Deltah, Maskh, mrow, seed, bh, offs_n,
+                             t0, f0, sqm, sdm, slm, smm, smn, NQ, NK, scale, fill2, offset, left,
+                             right, softcap, drop_p, keep_scale, True, MASK_KIND,
+                             MASK_ROWS_BCAST, DROPOUT, PREC, EMU_BF16, HAS_SOFTCAP, BLOCK_M, D,
+                             DV, BLOCK_D, BLOCK_DV)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, Lseh, Deltah, Maskh, mrow, seed, bh, offs_n,
+                             f1, t1, sqm, sdm, slm, smm, smn, NQ, NK, scale, fill2, offset, left,
+                             right, softcap, drop_p, keep_scale, True, MASK_KIND,
+                             MASK_ROWS_BCAST, DROPOUT, PREC, EMU_BF16, HAS_SOFTCAP, BLOCK_M, D,
+                             DV, BLOCK_D, BLOCK_DV)
     dk = dk * scale
     tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
              _for_store(dk, DK, EMU_BF16), mask=(offs_n[:, None] < NK) & (offs_d[None, :] < D))
@@ -471,9 +549,10 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, DO, Lse, Delta, DK, DV_, Seed,
 def _dq_tiles(dq, q, do, lse2, delta, K, V, Mask, DS, seed, bh, offs_m, lo, hi,
               skn, svn, smm, smn, sdsm, NQ, NK, scale, fill2, offset, left, right, softcap,
               drop_p, keep_scale, EDGE: tl.constexpr, MASK_KIND: tl.constexpr,
-              DROPOUT: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr,
-              WRITE_DS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
-              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+              MASK_ROWS_BCAST: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+              EMU_BF16: tl.constexpr, WRITE_DS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+              BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_DV: tl.constexpr):
     """Accumulate dq of one query block over the key tiles [lo, hi)."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -484,9 +563,15 @@ def _dq_tiles(dq, q, do, lse2, delta, K, V, Mask, DS, seed, bh, offs_m, lo, hi,
                      EMU_BF16)  # [BLOCK_N, BLOCK_D]
         v = _operand(_load(V, offs_n, offs_dv, svn, NK, DV, EDGE, DV != BLOCK_DV),
                      EMU_BF16)  # [BLOCK_N, BLOCK_DV]
-        s, dt = _scores2(q, tl.trans(k), scale, softcap, PREC, HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
-        s = _user_mask(s, offs_m[:, None], offs_n[None, :], Mask, smm, smn, NQ, NK, fill2,
-                       MASK_KIND)
+        y, c, dt = _raw_scores(q, tl.trans(k), scale, softcap, PREC,
+                               HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
+        if MASK_ROWS_BCAST:  # the same mask for every query row: a vector, no tile
+            mrow = _mask_row(Mask, start_n, smn, NK, EDGE, MASK_KIND,
+                             BLOCK_N)[None, :]  # [1, BLOCK_N]
+        else:
+            mrow = 0
+        s = _masked_scores2(y, c, mrow, offs_m[:, None], offs_n[None, :], Mask, smm, smn, NQ, NK,
+                            fill2, MASK_KIND, MASK_ROWS_BCAST)  # [BLOCK_M, BLOCK_N]
         if EDGE:
             s = _band(s, offs_m[:, None], offs_n[None, :], NK, offset, left, right)
         p = tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0))  # [BLOCK_M, BLOCK_N]
@@ -496,8 +581,12 @@ def _dq_tiles(dq, q, do, lse2, delta, K, V, Mask, DS, seed, bh, offs_m, lo, hi,
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])  # [BLOCK_M, BLOCK_N]
         if MASK_KIND == _BOOL_MASK:  # filled scores are constants: probability but no gradient
-            ds = tl.where(_keep_bool(Mask, offs_m[:, None], offs_n[None, :], smm, smn, NQ, NK),
-                          ds, 0.0)
+            if MASK_ROWS_BCAST:
+                attend = mrow  # [1, BLOCK_N]
+            else:
+                attend = _keep_bool(Mask, offs_m[:, None], offs_n[None, :], smm, smn, NQ,
+                                  NK)  # [BLOCK_M, BLOCK_N]
+            ds = tl.where(attend, ds, 0.0)
         if WRITE_DS:  # the additive mask's gradient: dS of the capped scores
             tl.store(DS + offs_m[:, None] * sdsm + offs_n[None, :], ds,
                      mask=(offs_m[:, None] < NQ) & (offs_n[None, :] < NK))
@@ -515,7 +604,8 @@ def _bwd_dq_kernel(Q, K, V, Mask, DO, Lse, Delta, DQ, DS, Seed,
                    HQ, GROUP, NQ, NK, scale, fill2, offset, left, right, softcap, drop_p,
                    keep_scale, NQ_BUCKET, NK_BUCKET, BANDED,
                    D: tl.constexpr, DV: tl.constexpr, MASK_KIND: tl.constexpr,
-                   HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+                   MASK_ROWS_BCAST: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                   DROPOUT: tl.constexpr, PREC: tl.constexpr,
                    EMU_BF16: tl.constexpr, WRITE_DS: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """dq for one query block of one query head; with WRITE_DS also dS into an fp32 buffer."""
@@ -543,16 +633,16 @@ def _bwd_dq_kernel(Q, K, V, Mask, DO, Lse, Delta, DQ, DS, Seed,
     t0, f0, f1, t1 = _key_tiles(start_m, NK, offset, left, right, BLOCK_M, BLOCK_N)
     dq = _dq_tiles(dq, q, do, lse2, delta, K, V, Mask, DS, seed, bh, offs_m, f0, f1,
                    skn, svn, smm, smn, sdsm, NQ, NK, scale, fill2, offset, left, right, softcap,
-                   drop_p, keep_scale, False, MASK_KIND, DROPOUT, PREC, EMU_BF16, WRITE_DS,
-                   HAS_SOFTCAP, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV)
+                   drop_p, keep_scale, False, MASK_KIND, MASK_ROWS_BCAST, DROPOUT, PREC,
+                   EMU_BF16, WRITE_DS, HAS_SOFTCAP, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV)
     dq = _dq_tiles(dq, q, do, lse2, delta, K, V, Mask, DS, seed, bh, offs_m, t0, f0,
                    skn, svn, smm, smn, sdsm, NQ, NK, scale, fill2, offset, left, right, softcap,
-                   drop_p, keep_scale, True, MASK_KIND, DROPOUT, PREC, EMU_BF16, WRITE_DS,
-                   HAS_SOFTCAP, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV)
+                   drop_p, keep_scale, True, MASK_KIND, MASK_ROWS_BCAST, DROPOUT, PREC,
+                   EMU_BF16, WRITE_DS, HAS_SOFTCAP, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV)
     dq = _dq_tiles(dq, q, do, lse2, delta, K, V, Mask, DS, seed, bh, offs_m, f1, t1,
                    skn, svn, smm, smn, sdsm, NQ, NK, scale, fill2, offset, left, right, softcap,
-                   drop_p, keep_scale, True, MASK_KIND, DROPOUT, PREC, EMU_BF16, WRITE_DS,
-                   HAS_SOFTCAP, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV)
+                   drop_p, keep_scale, True, MASK_KIND, MASK_ROWS_BCAST, DROPOUT, PREC,
+                   EMU_BF16, WRITE_DS, HAS_SOFTCAP, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV)
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
              _for_store(dq * scale, DQ, EMU_BF16), mask=in_m[:, None] & (offs_d[None, :] < D))
 
@@ -585,9 +675,10 @@ def _is_interpreted(kernel: object) -> bool:
 
 _INTERPRET = _is_interpreted(_fwd_kernel)
 # Autotuning keys: lengths by power-of-two bucket (a new length rarely retunes), banded or not
-# (causal and windows favour smaller query blocks), and whether TMA descriptors are usable.
-_TUNE_KEY = ["NQ_BUCKET", "NK_BUCKET", "BANDED", "DESC_OK", "D", "DV", "MASK_KIND", "HAS_SOFTCAP",
-             "DROPOUT"]
+# (causal and windows favour smaller query blocks), whether TMA descriptors are usable, and
+# whether the mask is one row shared by every query (a vector per key tile, no mask tile).
+_TUNE_KEY = ["NQ_BUCKET", "NK_BUCKET", "BANDED", "DESC_OK", "D", "DV", "MASK_KIND",
+             "MASK_ROWS_BCAST", "HAS_SOFTCAP", "DROPOUT"]
 # Under the interpreter blocks are tiny so that tests cover many tiles quickly. Tests may set
 # INTERPRET_DESC to run the forward's tensor-descriptor loads through the interpreter too.
 _INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
@@ -639,11 +730,13 @@ _AUTOTUNE = os.environ.get("ATTNFUSE_FLASH_AUTOTUNE", "1") != "0"
 
 
 def _situation(args: dict, forward: bool) -> str:
-    """Which candidate list applies: wide heads or fp32; a mask tile (it is pipelined too, so
-    large tiles overflow shared memory); else (forward) banded / D <= 64 / plain."""
+    """Which candidate list applies: wide heads or fp32; a dense mask tile (it is pipelined too,
+    so large tiles overflow shared memory); else (forward) banded / D <= 64 / plain. A
+    row-broadcast mask (MASK_ROWS_BCAST, e.g. key padding) is a [BLOCK_N] vector per key tile,
+    no tile of shared memory: it takes the unmasked lists."""
     if max(args["BLOCK_D"], args["BLOCK_DV"]) > 128 or args["PREC"] == "ieee":
         return "wide"
-    if args["MASK_KIND"] != _NO_MASK.value:
+    if args["MASK_KIND"] != _NO_MASK.value and not args.get("MASK_ROWS_BCAST"):
         return "masked"
     if not forward:
         return "narrow"
@@ -696,7 +789,10 @@ def _arg_names(kernel: object) -> list[str]:
 
 
 def _launch(name: str, tuned: object, grid, args: tuple, kwargs: dict) -> None:
-    """Launch an autotuned kernel; record its choice; under graph capture replay that choice."""
+    """Launch an autotuned kernel. A key with a remembered config (tuned earlier in this process
+    or preloaded from attnfuse's cache) launches it directly; under graph capture, where nothing
+    can be timed, an unseen key takes its situation's always-fitting config; otherwise Triton's
+    autotuner times the candidates and the winner is remembered."""
     if _INTERPRET:
         blocks = dict(_INTERPRET_BLOCKS)
         if name == "fwd":
@@ -707,8 +803,12 @@ def _launch(name: str, tuned: object, grid, args: tuple, kwargs: dict) -> None:
         return
     key = (name, str(args[0].dtype), args[0].device.index,
            *(kwargs[k] if k in kwargs else None for k in _TUNE_KEY))
-    if _capturing(args[0]):
-        config = _CHOSEN.get(key) or _TABLES[name][_situation(kwargs, name == "fwd")][-1]
+    if _RECORDING is not None:
+        _RECORDING.append(key)
+    config = _CHOSEN.get(key)
+    if config is None and _capturing(args[0]):
+        config = _TABLES[name][_situation(kwargs, name == "fwd")][-1]
+    if config is not None:
         meta = config.all_kwargs()
         if config.pre_hook is not None:
             config.pre_hook({**dict(zip(_arg_names(tuned.fn), args)), **kwargs, **meta})
@@ -718,6 +818,52 @@ def _launch(name: str, tuned: object, grid, args: tuple, kwargs: dict) -> None:
     best = getattr(tuned, "best_config", None)
     if best is not None:
         _CHOSEN[key] = best
+
+
+# Keys launched inside :func:`recording` (None = not recording).
+_RECORDING: Optional[list] = None
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect the autotuning keys launched in the block; :func:`tuned_configs` then tells which
+    config each settled on, so attnfuse's cache can remember them across processes."""
+    global _RECORDING
+    outer, inner = _RECORDING, []
+    _RECORDING = inner
+    try:
+        yield inner
+    finally:
+        _RECORDING = outer
+        if outer is not None:
+            outer.extend(inner)
+
+
+def tuned_configs(keys: Optional[list] = None) -> list[dict]:
+    """The remembered configs (of ``keys``, default all) as JSON-able records for :func:`preload`."""
+    out = []
+    for key in (keys if keys is not None else list(_CHOSEN)):
+        config = _CHOSEN.get(tuple(key))
+        if config is None:
+            continue
+        out.append({"key": list(key), "kwargs": dict(config.kwargs),
+                    "num_warps": config.num_warps, "num_stages": config.num_stages})
+    return out
+
+
+def preload(records: list[dict]) -> int:
+    """Remember configs exported by :func:`tuned_configs` (e.g. read from the disk cache); their
+    keys then launch without autotuning. Records of unknown kernels or tile names are skipped."""
+    count = 0
+    for r in records:
+        key = tuple(r.get("key", ()))
+        kw = dict(r.get("kwargs", {}))
+        if not key or key[0] not in _TABLES or not {"BLOCK_M", "BLOCK_N"} <= set(kw):
+            continue
+        _CHOSEN[key] = _cfg(int(kw["BLOCK_M"]), int(kw["BLOCK_N"]), int(r["num_warps"]),
+                            int(r["num_stages"]), kw.get("USE_DESC"))
+        count += 1
+    return count
 
 
 # ----------------------------------------------------------------------------- host helpers
@@ -782,14 +928,18 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
 
 
 def _mask_args(mask: Optional[torch.Tensor], dummy: torch.Tensor
-               ) -> tuple[torch.Tensor, tuple[int, int, int, int], int]:
-    """(tensor to read, strides with 0 on broadcast dims, mask kind); bool is read as uint8."""
+               ) -> tuple[torch.Tensor, tuple[int, int, int, int], dict]:
+    """(tensor to read, strides with 0 on broadcast dims, the mask's constexpr flags); bool is
+    read as uint8. MASK_ROWS_BCAST: query-row stride 0 (key padding [B,1,1,Nk], biases
+    [B,H,1,Nk] / [1,1,1,Nk], expanded views, Nq = 1): the kernels read one mask row per key tile
+    as a vector instead of a [BLOCK_M, BLOCK_N] tile."""
     if mask is None:
-        return dummy, (0, 0, 0, 0), _NO_MASK.value
+        return dummy, (0, 0, 0, 0), dict(MASK_KIND=_NO_MASK.value, MASK_ROWS_BCAST=False)
     strides = tuple(0 if n == 1 else s for n, s in zip(mask.shape, mask.stride()))
+    flags = dict(MASK_ROWS_BCAST=strides[2] == 0)
     if mask.dtype == torch.bool:
-        return mask.view(torch.uint8), strides, _BOOL_MASK.value
-    return mask, strides, _ADD_MASK.value
+        return mask.view(torch.uint8), strides, dict(flags, MASK_KIND=_BOOL_MASK.value)
+    return mask, strides, dict(flags, MASK_KIND=_ADD_MASK.value)
 
 
 def _fill2(mask_fill: float) -> float:
@@ -891,7 +1041,7 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lse = torch.empty((b, hq, nq), dtype=torch.float32, device=q.device)
     if lse.numel() == 0:
         return out, lse
-    m, m_strides, kind = _mask_args(mask, q)
+    m, m_strides, mask_flags = _mask_args(mask, q)
     common = _common(q, k, scale, causal, mask_fill, softcap, window, dropout_p)
     descs, desc_ok = _descriptors(q, k, v, out)
 
@@ -903,7 +1053,7 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     with _device_ctx(q):
         _launch("fwd", _fwd, grid, args,
                 dict(common, DV=dv_dim, DESC_OK=int(desc_ok), FOLD_SCALE=common["scale"] > 0.0,
-                     MASK_KIND=kind, BLOCK_DV=_block(dv_dim)))
+                     BLOCK_DV=_block(dv_dim), **mask_flags))
     return out, lse
 
 
@@ -939,9 +1089,9 @@ def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         for t in (dq, dk, dv):
             t.zero_()
     else:
-        m, m_strides, kind = _mask_args(mask, q)
+        m, m_strides, mask_flags = _mask_args(mask, q)
         common = dict(_common(q, k, scale, causal, mask_fill, softcap, window, dropout_p),
-                      DV=dv_dim, MASK_KIND=kind, BLOCK_DV=_block(dv_dim))
+                      DV=dv_dim, BLOCK_DV=_block(dv_dim), **mask_flags)
         delta = torch.empty((b, hq, nq), dtype=torch.float32, device=q.device)
         seed_arg = seed if common["DROPOUT"] else q
         shared = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *m_strides,

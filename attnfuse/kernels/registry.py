@@ -13,18 +13,25 @@ Each kernel draws its mask from the seed its own way: the reference with torch's
 (:func:`reference_keep_mask`), flash with an in-kernel Philox stream. One seed therefore gives
 different masks on the two kernels, each reproducible on its own.
 
-Selection (v0): the first kernel in the device's preference order whose ``supports`` is empty.
-The cost model and autotuner that replace the fixed order live in ``attnfuse/tune`` (planned).
+PyTorch's SDPA backends (``sdpa_cudnn``, ``sdpa_flash``, ``sdpa_efficient``, ``sdpa_math``,
+``kernels/sdpa.py``) are registered too, with ``runs="sdpa"``: a site that picks one becomes a
+pinned SDPA call, not an ``attnfuse::attention`` op. Each kernel carries its cost
+:class:`~attnfuse.tune.cost.Profile`; ``attnfuse/tune`` ranks the candidates with it, times the
+best few and remembers the winner. :func:`select` (the first supported op kernel in a fixed
+order) remains for ``kernel="auto"`` inside the op itself.
 """
 from __future__ import annotations
 
+import functools
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 
-from . import reference
+from ..tune.cost import Profile
+from . import reference, sdpa
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +48,9 @@ class Kernel:
     supports: Callable[..., list[str]]
     summary: str
     features: frozenset = frozenset()
+    profile: Profile = Profile(matmul=0.5, exp=0.3, bwd_matmul=0.4)
+    runs: str = "op"                 # "op": inside attnfuse::attention; "sdpa": a pinned SDPA call
+    auto: tuple[str, ...] = ("cuda", "cpu")  # device types where the selector may choose it
 
 
 def _needs(window: tuple[int, int], dropout_p: float) -> list[str]:
@@ -95,29 +105,81 @@ def _flash() -> Optional[Kernel]:
         log.info("flash kernel unavailable: %s", e)
         return None
 
+    # H100 priors (benchmarks/RESULTS.md): ~480 TFLOP/s forward at D=128 and ~0.4 of the exp
+    # ceiling at D=64; the two-kernel backward computes P twice. On CPU it runs only through the
+    # Triton interpreter (tests), so it is never chosen there unless forced.
     return Kernel("flash", True, flash.flash_forward, flash.flash_backward, flash.supports,
-                  "Triton FlashAttention-2, forward and backward", frozenset(FEATURES))
+                  "Triton FlashAttention-2, forward and backward", frozenset(FEATURES),
+                  Profile(matmul=0.60, exp=0.39, bwd_matmul=0.64, recompute=2,
+                          row_broadcast_mask=True, host_fwd_us=250, host_bwd_us=600),
+                  auto=("cuda",))
+
+
+# SDPA backends' priors, measured on an H100 (KERNELS.md): cuDNN ~610 TFLOP/s forward and ~525
+# backward at D=128, FA2 ~341/300, memory-efficient ~172; the math backend materialises scores.
+_SDPA_PROFILES = {
+    "sdpa_cudnn": Profile(matmul=0.77, exp=0.43, bwd_matmul=0.66, launches_bwd=2, host_fwd_us=30),
+    "sdpa_flash": Profile(matmul=0.43, exp=0.29, bwd_matmul=0.38, launches_bwd=2),
+    "sdpa_efficient": Profile(matmul=0.215, exp=0.13, bwd_matmul=0.2, block_m=64,
+                              launches_bwd=2, row_broadcast_mask=True),
+    "sdpa_math": Profile(matmul=0.7, exp=0.3, bwd_matmul=0.6, launches_fwd=5, launches_bwd=10,
+                         skips_band=False, materializes=True, host_fwd_us=60, host_bwd_us=120),
+}
+
+
+def _sdpa_kernels() -> dict[str, Kernel]:
+    def unusable(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("SDPA kernels run as pinned F.scaled_dot_product_attention calls "
+                         "(attnfuse.kernels.sdpa.call), not inside attnfuse::attention")
+
+    return {name: Kernel(name, True, unusable, unusable, functools.partial(sdpa.supports, name),
+                         sdpa.SUMMARIES[name], frozenset(), _SDPA_PROFILES[name], runs="sdpa")
+            for name in sdpa.BACKENDS}
 
 
 def _build() -> dict[str, Kernel]:
+    # The reference upcasts to fp32 and materialises fp32 scores chunk by chunk.
     kernels = {"reference": Kernel(
         "reference", True, _reference_forward, _reference_backward,
         _reference_supports, "exact PyTorch math, fp32 accumulation, chunked over queries",
-        frozenset(FEATURES))}
+        frozenset(FEATURES), Profile(matmul=0.5, exp=0.3, bwd_matmul=0.4, launches_fwd=8,
+                                     launches_bwd=16, skips_band=False, materializes=True,
+                                     passes_fwd=6, passes_bwd=12, compute_fp32=True,
+                                     host_fwd_us=300, host_bwd_us=600))}
     fl = _flash()
     if fl is not None:
         kernels["flash"] = fl
+    kernels.update(_sdpa_kernels())
     return kernels
 
 
 KERNELS: dict[str, Kernel] = _build()
 
-# The order kernels are tried in, per device type; the first that supports the inputs wins.
+# The order op kernels are tried in by kernel="auto" inside the op (the rewrite and
+# attnfuse.attention choose with the cost model instead); the first that supports the inputs wins.
 PREFERENCE: dict[str, tuple[str, ...]] = {"cuda": ("flash", "reference"), "cpu": ("reference",)}
 
 
 def kernel_names() -> tuple[str, ...]:
     return ("auto", *KERNELS)
+
+
+def is_sdpa(name: str) -> bool:
+    """Whether kernel ``name`` runs as a pinned SDPA call rather than inside the op."""
+    return name in KERNELS and KERNELS[name].runs == "sdpa"
+
+
+def source_files() -> tuple[str, ...]:
+    """The files whose code decides what the kernels compute and cost (the cache key's hash)."""
+    import pathlib
+    here = pathlib.Path(__file__).resolve().parent
+    files = sorted(str(p) for p in here.glob("*.py"))
+    return (*files, str(here.parent / "tune" / "cost.py"))
+
+
+def candidates(device_type: str) -> tuple[str, ...]:
+    """The kernels the selector may choose on this device type (all exact so far)."""
+    return tuple(n for n, k in KERNELS.items() if device_type in k.auto)
 
 
 def get(name: str) -> Kernel:
@@ -132,11 +194,17 @@ _FEATURE_WORDS = {"window": "sliding windows", "dropout": "dropout"}
 
 
 def rejections(name: str, q: Any, k: Any, v: Any, mask: Any, causal: str, *,
-               window: tuple[int, int] = reference.NO_WINDOW,
-               dropout_p: float = 0.0) -> list[str]:
-    """Why kernel ``name`` cannot run these (possibly fake) tensors with this window and dropout;
-    empty when it can."""
+               window: tuple[int, int] = reference.NO_WINDOW, dropout_p: float = 0.0,
+               softcap: float = 0.0, mask_fill: float = -math.inf, mask_grad: bool = False,
+               source: str = "eager_softmax") -> list[str]:
+    """Why kernel ``name`` cannot run these (possibly fake) tensors with this window, dropout,
+    soft-cap and mask fill; empty when it can. ``source`` is what the site was in the model
+    (``"sdpa"`` for an SDPA call, whose mask semantics SDPA backends keep)."""
     kernel = get(name)
+    if kernel.runs == "sdpa":
+        return kernel.supports(q, k, v, mask, causal, window=window, dropout_p=dropout_p,
+                               softcap=softcap, mask_fill=mask_fill, mask_grad=mask_grad,
+                               source=source)
     reasons = list(kernel.supports(q, k, v, mask, causal))
     for need in _needs(window, dropout_p):
         if need not in kernel.features:
@@ -153,6 +221,8 @@ def select(q: Any, k: Any, v: Any, mask: Any, causal: str,
     ``window``/``dropout_p``: a kernel that lacks the feature they need is rejected.
     """
     order = PREFERENCE.get(torch.device(q.device).type, ("reference",))
+    if prefer is not None and prefer in KERNELS and KERNELS[prefer].runs != "op":
+        return prefer, {n: ["not an attnfuse::attention kernel"] for n in order}
     if prefer is not None and prefer != "auto":
         order = (prefer, *[n for n in order if n != prefer])
     rejected: dict[str, list[str]] = {}

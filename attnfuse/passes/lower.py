@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx import Node
 
+from ..kernels import registry, sdpa
 from . import canonicalize as C
 
 MHA_ARGS = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight",
@@ -95,7 +96,7 @@ def check(node: Node) -> tuple[Optional[str], dict[str, Any]]:
         if not isinstance(e, int) or not isinstance(h, int) or e % h:
             return "embed_dim/num_heads are not static", {}
         return None, {"b": q.shape[1], "h": h, "nq": q.shape[0], "nk": k.shape[0], "d": e // h,
-                      "like": q}
+                      "like": q, "masks": [C.meta(a["attn_mask"]), C.meta(a["key_padding_mask"])]}
     if kind in ("native_mha", "encoder_layer"):
         names = NATIVE_ARGS if kind == "native_mha" else ENCODER_ARGS
         a = _named(node, names, {"mask": None, "mask_type": None, "need_weights": True,
@@ -112,8 +113,19 @@ def check(node: Node) -> tuple[Optional[str], dict[str, Any]]:
         if a["mask"] is not None and a["mask_type"] not in (0, 1, 2):
             return f"mask_type={a['mask_type']} is not lowered", {}
         return None, {"b": x.shape[0], "h": h, "nq": x.shape[1], "nk": k.shape[1], "d": e // h,
-                      "like": x}
+                      "like": x, "masks": [C.meta(a["mask"])]}
     return "not a multi-head attention call", {}
+
+
+def mask_meta(f: dict[str, Any]) -> Optional[Tensor]:
+    """A stand-in for the additive mask the lowering builds from :func:`check`'s facts (for kernel
+    choice): [B, 1, Nq, Nk] in q's dtype, requiring grad when a float mask does; None if none."""
+    masks = [m for m in f.get("masks", ()) if isinstance(m, Tensor)]
+    if not masks:
+        return None
+    like = f["like"]
+    grad = any(m.requires_grad and m.is_floating_point() for m in masks)
+    return like.new_empty((f["b"], 1, f["nq"], f["nk"])).requires_grad_(grad)
 
 
 def _drop_mask(mask: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
@@ -147,6 +159,8 @@ def _project(query: Tensor, key: Tensor, value: Tensor, w: Optional[Tensor], b: 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool,
             kernel: str) -> Tensor:
     scale = 1.0 / math.sqrt(q.shape[-1])
+    if registry.is_sdpa(kernel):
+        return sdpa.call(q, k, v, mask, scale, causal, kernel)
     out, _ = torch.ops.attnfuse.attention(q, k, v, mask, scale, "top_left" if causal else "none",
                                           float("-inf"), kernel, 0.0)
     return out

@@ -1,5 +1,8 @@
 """Replace a matched site with one ``attnfuse::attention`` call and delete what it made dead.
 
+A site that chose one of PyTorch's SDPA backends becomes a call of ``kernels.sdpa.call`` (SDPA
+pinned to that backend) instead.
+
 Only nodes of the site itself (and mask-building nodes nothing else uses any more) are erased;
 every other user of q, k, v and the masks is left intact. A constant mask the matcher read as a
 causal band or sliding window becomes the op's ``causal``/``window`` arguments, so its nodes go
@@ -15,6 +18,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch.fx import Graph, GraphModule, Node
 
+from ..kernels import registry, sdpa
 from . import canonicalize as C
 from .match import Match, Operand
 
@@ -160,9 +164,12 @@ def rewrite_site(gm: GraphModule, m: Match, kernel: str, note: str) -> Node:
     b = _Builder(graph, m.pv, mode, note)
     q, k, v, mask, fill = operands(b, m)
     left, right = m.window
-    fused = b.fn(torch.ops.attnfuse.attention.default, q, k, v, mask, float(m.scale), m.causal,
-                 fill, kernel, float(m.softcap), int(left), int(right))
-    out = b.fn(operator.getitem, fused, 0)
+    if registry.is_sdpa(kernel):
+        out = b.fn(sdpa.call, q, k, v, mask, float(m.scale), m.causal != "none", kernel)
+    else:
+        fused = b.fn(torch.ops.attnfuse.attention.default, q, k, v, mask, float(m.scale),
+                     m.causal, fill, kernel, float(m.softcap), int(left), int(right))
+        out = b.fn(operator.getitem, fused, 0)
     for name, args in m.out_ops:
         out = b("call_method", name, out, *args)
     m.pv.replace_all_uses_with(out)
@@ -174,9 +181,12 @@ def rewrite_sdpa(gm: GraphModule, node: Node, q: Any, k: Any, v: Any, mask: Any,
                  causal: str, kernel: str, note: str) -> Node:
     """Replace an SDPA call with the fused op (same operands; GQA and masks carry over)."""
     b = _Builder(gm.graph, node, _fake_mode([node]), note)
-    fused = b.fn(torch.ops.attnfuse.attention.default, q, k, v, mask, scale, causal,
-                 float("-inf"), kernel, 0.0)
-    out = b.fn(operator.getitem, fused, 0)
+    if registry.is_sdpa(kernel):
+        out = b.fn(sdpa.call, q, k, v, mask, scale, causal != "none", kernel)
+    else:
+        fused = b.fn(torch.ops.attnfuse.attention.default, q, k, v, mask, scale, causal,
+                     float("-inf"), kernel, 0.0)
+        out = b.fn(operator.getitem, fused, 0)
     node.replace_all_uses_with(out)
     erase_dead(gm.graph, [node])
     return out

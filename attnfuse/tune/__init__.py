@@ -1,0 +1,1 @@
+"""Kernel selection: cost model, timing, and the on-disk memory of choices."""

@@ -1,0 +1,441 @@
+"""Kernel choice per site: candidates, cost model, timing, and the cache that remembers.
+
+For one :class:`Problem` (a site's shapes, dtype, mask, band, options):
+
+1. every registered kernel the policy allows on the device is a candidate; each says why it
+   cannot run the site, or is eligible;
+2. the cost model predicts each eligible kernel's time (``cost.predict`` against the device's
+   measured ``ceilings``, scaled by what earlier timings taught about that kernel on that class of
+   shapes: ``calibration``);
+3. the choice comes from, in order: a pinned table (``attnfuse.cache.pin``; never times), this
+   process's memory, the on-disk cache, or timing the best few candidates on the site's shapes
+   (``triton.testing.do_bench`` on CUDA, outside graph capture; a rich progress bar when it takes
+   more than a second); without timing, the best prediction wins.
+
+Timing is on by default on CUDA; ``ATTNFUSE_AUTOTUNE=0`` (or ``tune=False``) turns it off, and
+``tune=True`` also times on CPU. The winner, its timings and its config (flash's tile choice) go
+to the cache under the problem's key; the process-wide ``cache.tuning_lock`` makes concurrent
+first calls tune once.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..report import Candidate
+from . import cache, cost
+from .ceilings import _timer, ceilings
+
+log = logging.getLogger(__name__)
+
+TOP_K = 3            # candidates timed per problem
+WITHIN = 4.0         # ... among those predicted within this factor of the best
+_MEMO: dict[str, "Choice"] = {}
+_MEMO_LOCK = threading.Lock()
+
+
+def _hint(x: Any, default: int = 1024) -> int:
+    """A concrete size for a possibly symbolic one (its hint), without adding a guard."""
+    if isinstance(x, int):
+        return x
+    node = getattr(x, "node", None)
+    hint = getattr(node, "hint", None) if node is not None else None
+    return int(hint) if hint is not None else default
+
+
+def _layout(q: Any) -> str:
+    """``bhsd`` (heads outside tokens in memory), ``bshd`` (tokens outside heads) or other."""
+    try:
+        s = [_hint(x) for x in q.stride()]
+    except (AttributeError, TypeError):
+        return "other"
+    if len(s) != 4 or s[3] != 1:
+        return "other"
+    return "bhsd" if s[1] >= s[2] else "bshd"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What kernel choice depends on, from a site's (possibly fake) operands."""
+
+    device: str
+    facts: cost.Facts
+    causal: str = "none"
+    window: tuple[int, int] = (-1, -1)
+    mask_kind: str = "none"             # "none", "bool", "additive"
+    mask_shape: tuple[int, ...] = ()
+    mask_dtype: Optional[torch.dtype] = None
+    mask_fill: float = -math.inf
+    mask_grad: bool = False
+    softcap: float = 0.0
+    dropout_p: float = 0.0
+    source: str = "eager_softmax"
+    layout: str = "bhsd"
+    scale: float = 0.0
+
+    @staticmethod
+    def of(q: Any, k: Any, v: Any, mask: Any, causal: str, *, window: tuple[int, int] = (-1, -1),
+           softcap: float = 0.0, dropout_p: float = 0.0, mask_fill: float = -math.inf,
+           mask_grad: bool = False, training: bool = False, source: str = "eager_softmax",
+           scale: Optional[float] = None) -> "Problem":
+        b, hq, nq, d = (_hint(x) for x in q.shape)
+        hkv, nk, dv = _hint(k.shape[1]), _hint(k.shape[2]), _hint(v.shape[-1])
+        kind, shape, mdt, rows_bcast, melem = "none", (), None, False, 0
+        if mask is not None:
+            shape = tuple(_hint(x) for x in ((1,) * (4 - mask.dim()) + tuple(mask.shape)))
+            kind = "bool" if mask.dtype == torch.bool else "additive"
+            mdt, melem = mask.dtype, mask.element_size()
+            rows_bcast = shape[2] == 1
+        facts = cost.Facts(b, hq, hkv, nq, nk, d, dv, cost.band_fraction(nq, nk, causal, window),
+                           q.element_size(), q.dtype, melem, rows_bcast, bool(training))
+        return Problem(str(torch.device(q.device).type), facts, causal, tuple(window), kind,
+                       shape, mdt, float(mask_fill), bool(mask_grad), float(softcap),
+                       float(dropout_p), source, _layout(q),
+                       float(scale) if scale is not None else 1.0 / math.sqrt(max(d, 1)))
+
+    def key(self) -> dict[str, Any]:
+        """The cache key: everything but the exact lengths (power-of-two buckets)."""
+        f = self.facts
+        left, right = self.window
+        return {"dtype": str(f.dtype), "d": f.d, "dv": f.dv, "gqa": f.hq // max(f.hkv, 1),
+                "causal": self.causal, "window": [cache.bucket(left + 1) if left >= 0 else -1,
+                                                  cache.bucket(right + 1) if right >= 0 else -1],
+                "mask": self.mask_kind, "mask_rows": "bcast" if f.mask_rows_bcast else "dense",
+                "mask_dtype": str(self.mask_dtype), "mask_grad": self.mask_grad,
+                "fill": "-inf" if math.isinf(self.mask_fill) else "finite",
+                "softcap": self.softcap > 0, "dropout": self.dropout_p > 0,
+                "training": f.training, "source": "sdpa" if self.source == "sdpa" else "eager",
+                "layout": self.layout, "nq": cache.bucket(max(f.nq, 1)),
+                "nk": cache.bucket(max(f.nk, 1)), "bh": cache.bucket(max(f.b * f.hq, 1))}
+
+    def describe(self) -> str:
+        f = self.facts
+        return f"{str(f.dtype).replace('torch.', '')} {f.b}x{f.hq}x{f.nq}x{f.nk}x{f.d}"
+
+
+@dataclass
+class Choice:
+    """The selector's answer for one problem."""
+
+    kernel: str
+    reason: str
+    candidates: list[Candidate] = field(default_factory=list)
+    cache: str = ""
+    config: dict = field(default_factory=dict)
+
+
+def _environment_key(problem: Problem) -> dict[str, str]:
+    from ..kernels import registry
+    device = torch.device(problem.device)
+    return {**cache.environment(device), "kernels": cache.source_hash(*registry.source_files())}
+
+
+def _class_key(problem: Problem, kernel: str, env: dict[str, str]) -> dict[str, Any]:
+    """The shape class a calibration factor holds for: kernel, dtype, head dim, mask, band,
+    training, and the amount of work in factors of 8 (small calls are overhead-bound, large
+    ones are not, so one factor cannot serve both)."""
+    f = problem.facts
+    work = max(f.b * f.hq * f.nq * f.nk * f.rho, 1.0)
+    return {**env, "kernel": kernel, "dtype": str(f.dtype), "d": cache.bucket(max(f.d, 1)),
+            "mask": problem.mask_kind, "banded": f.rho < 1.0, "training": f.training,
+            "work": int(math.log2(work) // 3)}
+
+
+def calibration(problem: Problem, kernel: str, env: dict[str, str]) -> float:
+    """measured / predicted for this kernel on this class of shapes (geometric mean; 1 if none)."""
+    entry = cache.store("calibration").get(_class_key(problem, kernel, env))
+    if not entry or not entry.get("n"):
+        return 1.0
+    return math.exp(entry["log_sum"] / entry["n"])
+
+
+def _learn(problem: Problem, kernel: str, env: dict[str, str], ratio: float) -> None:
+    if not (ratio > 0 and math.isfinite(ratio)):
+        return
+    store, key = cache.store("calibration"), _class_key(problem, kernel, env)
+    entry = store.get(key) or {"log_sum": 0.0, "n": 0}
+    store.put(key, {"log_sum": entry["log_sum"] + math.log(ratio), "n": entry["n"] + 1})
+
+
+def predict(problem: Problem, kernel: str, calibrate: bool = True,
+            env: Optional[dict[str, str]] = None) -> float:
+    """Predicted seconds of ``kernel`` on ``problem`` (raw roofline x calibration)."""
+    from ..kernels import registry
+    profile = registry.get(kernel).profile
+    c = ceilings(torch.device(problem.device))
+    dtype = torch.float32 if profile.compute_fp32 else problem.facts.dtype
+    t = cost.predict(profile, problem.facts, c.matmul_rate(dtype), c.exp, c.bandwidth, c.launch,
+                     c.l2_bandwidth)
+    if calibrate:
+        t *= calibration(problem, kernel, env if env is not None else _environment_key(problem))
+    return t
+
+
+# ----------------------------------------------------------------------------- timing
+
+def _inputs(problem: Problem) -> tuple:
+    """Random operands of the problem's shapes, dtype and layout on its device."""
+    f, device = problem.facts, torch.device(problem.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+
+    def make(h: int, n: int, d: int) -> torch.Tensor:
+        if problem.layout == "bshd":
+            return torch.randn(f.b, n, h, d, device=device, dtype=f.dtype).transpose(1, 2)
+        return torch.randn(f.b, h, n, d, device=device, dtype=f.dtype)
+
+    q, k, v = make(f.hq, f.nq, f.d), make(f.hkv, f.nk, f.d), make(f.hkv, f.nk, f.dv)
+    mask = None
+    if problem.mask_kind == "bool":
+        mask = torch.ones(problem.mask_shape, device=device, dtype=torch.bool)
+    elif problem.mask_kind == "additive":
+        mask = torch.zeros(problem.mask_shape, device=device, dtype=problem.mask_dtype)
+    if f.training:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+        if mask is not None and problem.mask_grad:
+            mask.requires_grad_(True)
+    return q, k, v, mask
+
+
+def runner(problem: Problem, kernel: str) -> Callable[[], Any]:
+    """A zero-argument function running ``kernel`` once on random inputs of ``problem``."""
+    from .. import ops  # noqa: F401  (registers the op)
+    from ..kernels import registry, sdpa
+    q, k, v, mask = _inputs(problem)
+    left, right = problem.window
+    seed = None
+    if problem.dropout_p > 0:
+        seed = torch.zeros(1, dtype=torch.int64, device=q.device)
+
+    if registry.get(kernel).runs == "sdpa":
+        def forward() -> torch.Tensor:
+            return sdpa.call(q, k, v, mask, problem.scale, problem.causal != "none", kernel)
+    else:
+        def forward() -> torch.Tensor:
+            return torch.ops.attnfuse.attention(q, k, v, mask, problem.scale, problem.causal,
+                                                problem.mask_fill, kernel, problem.softcap, left,
+                                                right, problem.dropout_p, seed)[0]
+    if not problem.facts.training:
+        return forward
+    grads = [t for t in (q, k, v, mask) if t is not None and t.requires_grad]
+
+    def train() -> Any:
+        out = forward()
+        return torch.autograd.grad(out, grads, torch.ones_like(out))
+    return train
+
+
+def _bench(fn: Callable[[], Any], device: torch.device) -> float:
+    """Median seconds of ``fn``: triton's do_bench on CUDA, a perf_counter median on CPU."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        try:
+            return do_bench(fn, warmup=10, rep=40, return_mode="median") / 1e3
+        except TypeError:  # older triton: no return_mode
+            return do_bench(fn, warmup=10, rep=40) / 1e3
+    return _timer(device)(fn)
+
+
+def should_tune(problem: Problem, tune: Optional[bool]) -> bool:
+    if tune is not None:
+        return tune
+    if os.environ.get("ATTNFUSE_AUTOTUNE", "1") == "0":
+        return False
+    if problem.device != "cuda":
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+class _Progress:
+    """A transient rich progress bar that appears only once tuning has taken over a second."""
+
+    def __init__(self, total: int, title: str) -> None:
+        self.total, self.title, self.t0, self.bar, self.task = total, title, time.monotonic(), None, None
+
+    def step(self, label: str) -> None:
+        if self.bar is None and time.monotonic() - self.t0 > 1.0 and sys.stderr.isatty():
+            try:
+                from rich.progress import Progress
+            except ImportError:
+                self.total = -1
+                return
+            self.bar = Progress(transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(self.title, total=self.total)
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, description=f"{self.title}: {label}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _time_candidates(problem: Problem, ranked: list[Candidate]) -> None:
+    """Time the best few eligible candidates: fill ``measured_ms`` (and flash's tuned configs)."""
+    device = torch.device(problem.device)
+    best = ranked[0].predicted_ms
+    chosen = [c for c in ranked if c.predicted_ms <= best * WITHIN][:TOP_K]
+    progress = _Progress(len(chosen), f"attnfuse: tuning {problem.describe()}")
+    try:
+        for c in chosen:
+            progress.step(c.kernel)
+            try:
+                fn = runner(problem, c.kernel)
+                if c.kernel == "flash":
+                    flash = _flash_module()
+                    with flash.recording() as keys:
+                        seconds = _bench(fn, device)
+                    c.config = {"flash": flash.tuned_configs(keys)}
+                else:
+                    seconds = _bench(fn, device)
+                c.measured_ms = seconds * 1e3
+            except torch.cuda.OutOfMemoryError:
+                c.reasons.append("out of memory when timed on the site's shapes")
+            except Exception as e:  # a kernel that fails here must not be chosen
+                log.warning("attnfuse: timing %s on %s failed: %r", c.kernel, problem.describe(), e)
+                c.reasons.append(f"failed when timed: {e!r}")
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    finally:
+        progress.close()
+
+
+def _flash_module() -> Any:
+    from ..kernels import flash
+    return flash
+
+
+# ----------------------------------------------------------------------------- the choice
+
+def _candidates(problem: Problem, q: Any, k: Any, v: Any, mask: Any, policy: str,
+                env: dict[str, str]) -> list[Candidate]:
+    from ..kernels import registry
+    out = []
+    for name in registry.candidates(problem.device):
+        kernel = registry.get(name)
+        reasons = []
+        if policy == "exact" and not kernel.exact:
+            reasons.append("not exact (policy='exact')")
+        reasons += registry.rejections(
+            name, q, k, v, mask, problem.causal, window=problem.window,
+            dropout_p=problem.dropout_p, softcap=problem.softcap, mask_fill=problem.mask_fill,
+            mask_grad=problem.mask_grad, source=problem.source)
+        if name == "flash" and problem.device == "cuda" and problem.facts.dtype == torch.float32:
+            # Measured on the H100 (benchmarks/RESULTS.md): fp32 dv misses the error-ratio rule.
+            reasons.append("float32 on CUDA misses FlashAttention's accuracy rule for dv")
+        if (name == "sdpa_flash" and problem.device == "cpu" and problem.facts.training
+                and problem.facts.dtype == torch.float32):
+            # Measured in tests: its fp32 GQA gradients miss the rule (3.3x eager's error).
+            reasons.append("float32 gradients of PyTorch's CPU flash kernel miss "
+                           "FlashAttention's accuracy rule")
+        if kernel.profile.materializes and problem.device == "cuda":
+            need = problem.facts.b * problem.facts.hq * problem.facts.nq * problem.facts.nk * 4
+            total = torch.cuda.get_device_properties(torch.device(problem.device)).total_memory
+            if need > total // 4:
+                reasons.append(f"would materialise {need / 2**30:.1f} GiB of scores")
+        c = Candidate(name, reasons=reasons)
+        if not reasons:
+            c.predicted_ms = predict(problem, name, env=env) * 1e3
+        out.append(c)
+    return out
+
+
+def _summary(cands: list[Candidate]) -> str:
+    parts = []
+    for c in cands:
+        if c.reasons:
+            continue
+        t = f"{c.measured_ms:.3g} ms" if c.measured_ms is not None else f"~{c.predicted_ms:.3g} ms"
+        parts.append(f"{c.kernel} {t}")
+    return ", ".join(parts)
+
+
+def choose(problem: Problem, q: Any, k: Any, v: Any, mask: Any, *, policy: str = "exact",
+           tune: Optional[bool] = None) -> Choice:
+    """The kernel for ``problem`` (operands ``q, k, v, mask`` may be fake tensors)."""
+    env = _environment_key(problem)
+    key = {**env, "policy": policy, **problem.key()}
+    digest = repr(sorted(key.items()))
+    with _MEMO_LOCK:
+        memo = _MEMO.get(digest)
+    if memo is not None:
+        return memo
+    with cache.tuning_lock(digest):
+        with _MEMO_LOCK:
+            if digest in _MEMO:
+                return _MEMO[digest]
+        choice = _decide(problem, q, k, v, mask, policy, tune, env, key)
+        with _MEMO_LOCK:
+            _MEMO[digest] = choice
+    log.info("attnfuse: %s -> %s (%s)", problem.describe(), choice.kernel, choice.reason)
+    return choice
+
+
+def _decide(problem: Problem, q: Any, k: Any, v: Any, mask: Any, policy: str,
+            tune: Optional[bool], env: dict[str, str], key: dict[str, Any]) -> Choice:
+    cands = _candidates(problem, q, k, v, mask, policy, env)
+    eligible = sorted((c for c in cands if not c.reasons), key=lambda c: c.predicted_ms)
+    if not eligible:
+        return Choice("", "no kernel can run this site: " + "; ".join(
+            f"{c.kernel}: {', '.join(c.reasons)}" for c in cands), cands, "")
+    names = {c.kernel for c in eligible}
+    if cache.pinned():
+        hit = cache.pinned_value("choices", key)
+        if hit is not None and hit.get("kernel") in names:
+            _preload(hit)
+            return Choice(hit["kernel"], f"pinned ({_summary(cands)})", cands, "pinned",
+                          hit.get("config", {}))
+        return Choice(eligible[0].kernel, "pinned table has no entry for this shape: best "
+                      f"prediction, untimed ({_summary(cands)})", cands, "pinned")
+    stored = cache.store("choices").get(key)
+    if stored is not None and stored.get("kernel") in names:
+        _preload(stored)
+        for c in cands:
+            c.measured_ms = stored.get("measured_ms", {}).get(c.kernel, c.measured_ms)
+        return Choice(stored["kernel"], f"cache hit: {stored.get('why', '')}", cands, "hit",
+                      stored.get("config", {}))
+    status = "disabled" if cache.disabled() else "miss"
+    if not should_tune(problem, tune):
+        why = f"cost model: best predicted time, untimed ({_summary(cands)})"
+        return Choice(eligible[0].kernel, why, cands, status)
+    _time_candidates(problem, eligible)
+    timed = sorted((c for c in eligible if c.measured_ms is not None and not c.reasons),
+                   key=lambda c: c.measured_ms)
+    if not timed:
+        return Choice(eligible[0].kernel, f"cost model (timing failed) ({_summary(cands)})",
+                      cands, status)
+    for c in timed:
+        _learn(problem, c.kernel, env, (c.measured_ms / 1e3) / predict(problem, c.kernel, False, env))
+    win = timed[0]
+    why = f"fastest of {len(timed)} timed on the site's shapes ({_summary(cands)})"
+    config = win.config
+    cache.store("choices").put(key, {
+        "kernel": win.kernel, "why": why, "config": config,
+        "measured_ms": {c.kernel: c.measured_ms for c in timed},
+        "predicted_ms": {c.kernel: c.predicted_ms for c in eligible}})
+    return Choice(win.kernel, why, cands, status, config)
+
+
+def _preload(entry: dict) -> None:
+    records = entry.get("config", {}).get("flash")
+    if records:
+        try:
+            _flash_module().preload(records)
+        except ImportError:
+            pass
+
+
+def forget() -> None:
+    """Drop this process's memory of choices (the disk cache is ``attnfuse.cache.clear()``)."""
+    with _MEMO_LOCK:
+        _MEMO.clear()
