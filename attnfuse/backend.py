@@ -26,11 +26,13 @@ from .passes.match import Context, match_softmax, module_path, softmax_nodes, so
 from .passes.rewrite import operand_metas, rewrite_sdpa, rewrite_site
 from .report import GraphSnapshot, Report, Site
 from .spec import AttentionSpec, MaskSpec, Reject, TensorInfo
-from .tune.select import Choice, Problem, choose
+from .passes.rewrite import leaves, operand_values
+from .passes.values import capture
+from .tune.select import Choice, Gate, Problem, accuracy, choose
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("exact",)
+POLICIES = ("exact", "fast")
 INNER = ("inductor", "eager")
 
 
@@ -61,7 +63,14 @@ class Options:
 
     policy: str = "exact"
     """Which kernels may run a site: ``"exact"`` allows only kernels that compute the same function
-    within floating-point error (quantized and sparse policies come with their kernels)."""
+    within floating-point error; ``"fast"`` also quantized kernels (``sage``: INT8 Q·Kᵀ, FP8 or
+    FP16 P·V), each admitted per site only if, on the site's own activations (the example
+    inputs run through the model), its output keeps ``min_cosine`` and ``max_rel_l1`` against
+    the exact one; never for a site that needs gradients."""
+    min_cosine: float = 0.999
+    """``policy="fast"``: least cosine similarity of a quantized site's output to the exact one."""
+    max_rel_l1: float = 0.03
+    """``policy="fast"``: largest relative L1 error, Σ|o' − o| / Σ|o|, of a quantized site."""
     inner: str = "inductor"
     """The compiler for the rest of the graph: ``"inductor"`` or ``"eager"`` (for debugging)."""
     kernel: Optional[str] = None
@@ -84,6 +93,9 @@ class Options:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if self.inner not in INNER:
             raise ValueError(f"inner must be one of {INNER}, got {self.inner!r}")
+        if not (0.0 < self.min_cosine <= 1.0) or not self.max_rel_l1 >= 0.0:
+            raise ValueError(f"min_cosine must be in (0, 1] and max_rel_l1 >= 0, got "
+                             f"{self.min_cosine!r} and {self.max_rel_l1!r}")
         if self.kernel is not None and self.kernel not in registry.kernel_names():
             raise ValueError(f"kernel must be one of {registry.kernel_names()} or None, "
                              f"got {self.kernel!r}")
@@ -109,7 +121,8 @@ class Options:
 def _choose(q: Any, k: Any, v: Any, mask: Any, causal: str, opts: Options, *,
             window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
             mask_fill: float = -math.inf, scale: Optional[float] = None,
-            source: str = "eager_softmax") -> tuple[Optional[str], str, dict, Optional[Choice]]:
+            source: str = "eager_softmax", values: Optional[Callable[[], tuple]] = None
+            ) -> tuple[Optional[str], str, dict, Optional[Choice]]:
     """Kernel for one site: ``(name or None, why, {rejected: reasons}, the selector's Choice)``."""
     m4 = ops.as_4d(mask)
     training = any(getattr(t, "requires_grad", False) for t in (q, k, v, m4) if t is not None)
@@ -124,11 +137,26 @@ def _choose(q: Any, k: Any, v: Any, mask: Any, causal: str, opts: Options, *,
         return opts.kernel, f"kernel={opts.kernel!r} forced by options", {}, Choice(
             opts.kernel, "forced", cache="forced")
     problem = Problem.of(q, k, v, m4, causal, training=training, scale=scale, **kw)
-    choice = choose(problem, q, k, v, m4, policy=opts.policy, tune=opts.tune)
+    gate = None
+    if values is not None:
+        gate = Gate(functools.partial(_measure, values, problem), opts.min_cosine,
+                    opts.max_rel_l1)
+    choice = choose(problem, q, k, v, m4, policy=opts.policy, tune=opts.tune, gate=gate)
     rejected = {c.kernel: c.reasons for c in choice.candidates if c.reasons}
     if not choice.kernel:
         return None, choice.reason, rejected, choice
     return choice.kernel, f"{choice.kernel}: {choice.reason}", rejected, choice
+
+
+def _measure(values: Callable[[], tuple], p: Problem, kernel: str) -> dict[str, float]:
+    """A non-exact kernel's accuracy on the site's captured operands, against the reference."""
+    q, k, v, mask = values()
+    m4 = ops.as_4d(mask)
+    args = (q, k, v, m4, p.scale, p.causal, p.mask_fill, p.softcap, p.window)
+    with torch.no_grad():
+        exact, _ = registry.get("reference").forward(*args)
+        out, _ = registry.get(kernel).forward(*args)
+    return accuracy(out, exact)
 
 
 def _site(gi: int, pattern: str, kernel: Optional[str], why: str, spec: Optional[AttentionSpec],
@@ -139,16 +167,20 @@ def _site(gi: int, pattern: str, kernel: Optional[str], why: str, spec: Optional
     return site
 
 
-def _eager_site(gm: GraphModule, sm: Node, ctx: Context, opts: Options, gi: int) -> Site:
+def _eager_site(gm: GraphModule, sm: Node, ctx: Context, opts: Options, gi: int,
+                captured: Optional[dict] = None) -> Site:
     loc, mod = source_location(sm), module_path(sm)
     m = match_softmax(sm, gm, ctx.example_inputs, ctx)
     if isinstance(m, Reject):
         return Site(0, gi, "eager_softmax", None, m.reason, location=loc, module_path=mod)
     qm, km, vm, mask_meta, fill = operand_metas(m)
     spec = spec_of(m, qm, km, vm, mask_meta, fill, loc, mod)
+    values = None
+    if captured is not None and all(n in captured for n in leaves(m)):
+        values = lambda: operand_values(m, captured)[:4]  # noqa: E731
     name, why, rejected, choice = _choose(qm, km, vm, mask_meta, m.causal, opts,
                                           window=tuple(m.window), softcap=float(m.softcap),
-                                          mask_fill=fill, scale=float(m.scale))
+                                          mask_fill=fill, scale=float(m.scale), values=values)
     if name is None:
         return _site(gi, "eager_softmax", None, why, spec, loc, mod, rejected, choice)
     rewrite_site(gm, m, name, f"attnfuse: {spec.describe()} -> {name}")
@@ -164,7 +196,8 @@ def _sdpa_args(node: Node) -> dict[str, Any]:
     return out
 
 
-def _sdpa_site(gm: GraphModule, node: Node, opts: Options, gi: int) -> Site:
+def _sdpa_site(gm: GraphModule, node: Node, opts: Options, gi: int,
+               captured: Optional[dict] = None) -> Site:
     loc, mod = source_location(node), module_path(node)
     a = _sdpa_args(node)
     q, k, v, mask = a["query"], a["key"], a["value"], a["attn_mask"]
@@ -199,8 +232,13 @@ def _sdpa_site(gm: GraphModule, node: Node, opts: Options, gi: int) -> Site:
     if opts.keep_sdpa and opts.kernel in (None, "auto"):
         return Site(0, gi, "sdpa", "sdpa", "existing SDPA call kept on PyTorch's default "
                     "dispatch (keep_sdpa=True)", spec, loc, mod)
+    values = None
+    nodes = [x for x in (q, k, v, mask) if isinstance(x, Node)]
+    if captured is not None and all(n in captured for n in nodes):
+        values = lambda: tuple(captured[x] if isinstance(x, Node) else x  # noqa: E731
+                               for x in (q, k, v, mask))
     name, why, rejected, choice = _choose(qm, km, vm, mm, causal, opts, scale=float(scale),
-                                          source="sdpa")
+                                          source="sdpa", values=values)
     if name is None:
         return _site(gi, "sdpa", "sdpa", why + "; kept on PyTorch's SDPA", spec, loc, mod,
                      rejected, choice)
@@ -256,13 +294,42 @@ def _guarded(site_fn: Callable[..., Site], node: Node, *args: Any) -> Site:
                     module_path=module_path(node))
 
 
+def _capture_for_gates(gm: GraphModule, example_inputs: Sequence[Any], ctx: Context,
+                       opts: Options) -> Optional[dict]:
+    """Under ``policy="fast"``, the values of every site's operands on the example inputs (one
+    eager run of the graph, before any rewrite), for the accuracy gate; None otherwise or when
+    the inputs are not real tensors."""
+    if opts.policy != "fast" or not all(
+            isinstance(x, (torch.Tensor, int, float, bool)) for x in example_inputs):
+        return None
+    device = next((x.device.type for x in example_inputs if isinstance(x, torch.Tensor)), "cpu")
+    if all(registry.get(n).exact for n in registry.candidates(device)):
+        return None
+    nodes: list[Node] = []
+    for sm in softmax_nodes(gm):
+        m = match_softmax(sm, gm, example_inputs, ctx)
+        if not isinstance(m, Reject):
+            nodes += leaves(m)
+    for n in gm.graph.nodes:
+        if C.is_sdpa(n):
+            a = _sdpa_args(n)
+            nodes += [x for x in (a["query"], a["key"], a["value"], a["attn_mask"])
+                      if isinstance(x, Node)]
+    try:
+        return capture(gm, example_inputs, nodes)
+    except Exception as e:  # without values the quantized kernels are simply not admitted
+        log.warning("attnfuse: could not run the graph to measure quantized kernels: %r", e)
+        return None
+
+
 def rewrite_attention(gm: GraphModule, example_inputs: Sequence[Any], opts: Options,
                       graph_index: int = 0) -> Report:
     """Find and rewrite every attention site of ``gm`` in place; returns the report."""
     before = _snapshot(gm)
-    eager = functools.partial(_eager_site, gm)
-    sdpa = functools.partial(_sdpa_site, gm)
     ctx = Context(gm, example_inputs)
+    captured = _capture_for_gates(gm, example_inputs, ctx, opts)
+    eager = functools.partial(_eager_site, gm, captured=captured)
+    sdpa = functools.partial(_sdpa_site, gm, captured=captured)
     sites = [_guarded(eager, sm, ctx, opts, graph_index) for sm in softmax_nodes(gm)]
     sites += [_guarded(sdpa, n, opts, graph_index) for n in list(gm.graph.nodes) if C.is_sdpa(n)]
     mha = functools.partial(_mha_site, gm)
@@ -362,20 +429,23 @@ def _call(fn: Callable, example_inputs: Any) -> Any:
 def optimize(model: torch.nn.Module, example_inputs: Any = None, *, policy: str = "exact",
              inner: str = "inductor", kernel: Optional[str] = None, dynamic: Optional[bool] = None,
              keep_sdpa: bool = False, mode: Optional[str] = None,
-             tune: Optional[bool] = None) -> torch.nn.Module:
+             tune: Optional[bool] = None, min_cosine: float = 0.999,
+             max_rel_l1: float = 0.03) -> torch.nn.Module:
     """Return a module computing what ``model`` computes, with its attention fused.
 
     With ``example_inputs`` (a tensor, a tuple of positional args, or a dict of keyword args) the
     model is compiled here, once; the report is at ``.attnfuse_report``. ``dynamic`` is
     ``torch.compile``'s; ``mode`` is Inductor's (``"reduce-overhead"`` for CUDA graphs,
     ``"max-autotune"``, ...), as in ``torch.compile(mode=...)``. ``tune``: time candidate
-    kernels on each site's shapes (default: on CUDA); see :class:`Options`.
+    kernels on each site's shapes (default: on CUDA); ``policy="fast"`` with ``min_cosine`` /
+    ``max_rel_l1``: quantized kernels where they keep that accuracy on the site's activations
+    (measured on ``example_inputs``, so pass them); see :class:`Options`.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}; "
                         f"for a function use torch.compile(fn, backend='attnfuse')")
     opts = Options(policy=policy, inner=inner, kernel=kernel, keep_sdpa=keep_sdpa, mode=mode,
-                   tune=tune)
+                   tune=tune, min_cosine=min_cosine, max_rel_l1=max_rel_l1)
     report = Report()
     compiled = torch.compile(model, backend=make_backend(opts, report), dynamic=dynamic)
     compiled.attnfuse_report = report
@@ -387,11 +457,12 @@ def optimize(model: torch.nn.Module, example_inputs: Any = None, *, policy: str 
 
 def explain(model: torch.nn.Module, example_inputs: Any, *, policy: str = "exact",
             kernel: Optional[str] = None, keep_sdpa: bool = False,
-            tune: Optional[bool] = None) -> Report:
+            tune: Optional[bool] = None, min_cosine: float = 0.999,
+            max_rel_l1: float = 0.03) -> Report:
     """Capture ``model`` on ``example_inputs`` and report every attention site and decision.
 
     Runs the model once (without gradients); the rest of the graph runs eagerly.
     """
     fast = optimize(model, example_inputs, policy=policy, inner="eager", kernel=kernel,
-                    keep_sdpa=keep_sdpa, tune=tune)
+                    keep_sdpa=keep_sdpa, tune=tune, min_cosine=min_cosine, max_rel_l1=max_rel_l1)
     return fast.attnfuse_report

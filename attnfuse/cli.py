@@ -206,8 +206,24 @@ def _bench(argv: list[str]) -> int:
     finally:
         sys.argv = saved
     out = _out_arg(argv)
-    if out:
-        print(f"plot it: python {root / 'benchmarks' / 'plot.py'} {out}")
+    if out:  # the table is printed by the script; the plots need matplotlib
+        plot = root / "benchmarks" / "plot.py"
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print(f"plots: pip install matplotlib, then python {plot} {out}")
+            return 0
+        if not plot.is_file():
+            print(f"plots: python {plot} {out}")
+            return 0
+        sys.argv = [str(plot), out]
+        try:
+            runpy.run_path(str(plot), run_name="__main__")
+        except SystemExit as e:
+            if e.code not in (None, 0):
+                print(f"plotting failed ({e.code}); retry: python {plot} {out}", file=sys.stderr)
+        finally:
+            sys.argv = saved
     return 0
 
 

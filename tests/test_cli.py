@@ -113,7 +113,7 @@ def test_python_m_help() -> None:
     assert "explain" in r.stdout and "bench" in r.stdout
 
 
-def test_bench_forwards_args_and_suggests_plot(monkeypatch, tmp_path: Path, capsys) -> None:
+def test_bench_forwards_args_and_plots(monkeypatch, tmp_path: Path, capsys) -> None:
     import attnfuse
     (tmp_path / "benchmarks").mkdir()
     (tmp_path / "benchmarks" / "bench_kernels.py").write_text(
@@ -123,4 +123,9 @@ def test_bench_forwards_args_and_suggests_plot(monkeypatch, tmp_path: Path, caps
     assert main(["bench", "--parts", "check", "--out", "r.json"]) == 0
     out = capsys.readouterr().out
     assert "ARGS ['--parts', 'check', '--out', 'r.json']" in out
-    assert f"python {tmp_path / 'benchmarks' / 'plot.py'} r.json" in out
+    assert f"python {tmp_path / 'benchmarks' / 'plot.py'} r.json" in out   # no plot.py: a hint
+    (tmp_path / "benchmarks" / "plot.py").write_text(
+        "import sys\nif __name__ == '__main__':\n    print('PLOT', sys.argv[1:])\n")
+    pytest.importorskip("matplotlib")
+    assert main(["bench", "--out", "r.json"]) == 0
+    assert "PLOT ['r.json']" in capsys.readouterr().out

@@ -36,7 +36,7 @@ from . import reference, sdpa
 log = logging.getLogger(__name__)
 
 
-FEATURES = ("window", "dropout")
+FEATURES = ("window", "dropout", "softcap")
 
 
 @dataclass(frozen=True)
@@ -53,13 +53,15 @@ class Kernel:
     auto: tuple[str, ...] = ("cuda", "cpu")  # device types where the selector may choose it
 
 
-def _needs(window: tuple[int, int], dropout_p: float) -> list[str]:
+def _needs(window: tuple[int, int], dropout_p: float, softcap: float = 0.0) -> list[str]:
     """The optional features a call with these arguments uses."""
     needs = []
     if tuple(window) != reference.NO_WINDOW:
         needs.append("window")
     if dropout_p > 0:
         needs.append("dropout")
+    if softcap:
+        needs.append("softcap")
     return needs
 
 
@@ -115,6 +117,40 @@ def _flash() -> Optional[Kernel]:
                   auto=("cuda",))
 
 
+def _sage() -> dict[str, Kernel]:
+    """The quantized kernels (not exact: only under policy="fast", after the accuracy gate)."""
+    try:
+        from . import sage
+    except ImportError as e:  # triton missing
+        log.info("sage kernel unavailable: %s", e)
+        return {}
+
+    def make(pv: str) -> Kernel:
+        def forward(q, k, v, mask, scale, causal, mask_fill, softcap=0.0,
+                    window=reference.NO_WINDOW, dropout_p=0.0, seed=None):
+            return sage.sage_forward(q, k, v, mask, scale, causal, mask_fill, pv)
+
+        def backward(*args: Any, **kwargs: Any) -> Any:
+            raise ValueError(f"sage_{pv} is inference only: it has no backward; a site that "
+                             f"needs gradients runs on an exact kernel (kernel='flash')")
+
+        summary = (f"Triton SageAttention-style: INT8 Q·Kᵀ (K smoothed), "
+                   f"{'FP8 e4m3' if pv == 'fp8' else 'FP16'} P·V; inference only")
+        # SageAttention2 reports ~900 TOPS on an H100 (KERNELS.md): INT8/FP8 dots at twice the
+        # bf16 rate, bound by the exponentials at D <= 128; plus the quantization passes.
+        profile = Profile(matmul=1.1 if pv == "fp8" else 0.8, exp=0.45, bwd_matmul=0.5,
+                          launches_fwd=4, host_fwd_us=300, row_broadcast_mask=True)
+        return Kernel(f"sage_{pv}", False, forward, backward,
+                      functools.partial(_sage_supports, sage, pv), summary, frozenset(), profile,
+                      auto=("cuda",))
+
+    return {"sage_fp8": make("fp8"), "sage_fp16": make("fp16")}
+
+
+def _sage_supports(sage: Any, pv: str, q: Any, k: Any, v: Any, mask: Any, causal: str) -> list[str]:
+    return sage.supports(q, k, v, mask, causal, pv)
+
+
 # SDPA backends' priors, measured on an H100 (KERNELS.md): cuDNN ~610 TFLOP/s forward and ~525
 # backward at D=128, FA2 ~341/300, memory-efficient ~172; the math backend materialises scores.
 _SDPA_PROFILES = {
@@ -149,6 +185,7 @@ def _build() -> dict[str, Kernel]:
     fl = _flash()
     if fl is not None:
         kernels["flash"] = fl
+    kernels.update(_sage())
     kernels.update(_sdpa_kernels())
     return kernels
 
@@ -190,7 +227,7 @@ def get(name: str) -> Kernel:
     return KERNELS[name]
 
 
-_FEATURE_WORDS = {"window": "sliding windows", "dropout": "dropout"}
+_FEATURE_WORDS = {"window": "sliding windows", "dropout": "dropout", "softcap": "soft-capping"}
 
 
 def rejections(name: str, q: Any, k: Any, v: Any, mask: Any, causal: str, *,
@@ -206,7 +243,7 @@ def rejections(name: str, q: Any, k: Any, v: Any, mask: Any, causal: str, *,
                                softcap=softcap, mask_fill=mask_fill, mask_grad=mask_grad,
                                source=source)
     reasons = list(kernel.supports(q, k, v, mask, causal))
-    for need in _needs(window, dropout_p):
+    for need in _needs(window, dropout_p, softcap):
         if need not in kernel.features:
             reasons.append(f"{_FEATURE_WORDS[need]} not implemented by this {name} kernel")
     return reasons

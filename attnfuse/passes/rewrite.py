@@ -137,6 +137,33 @@ def operand_metas(m: Match) -> tuple[Any, Any, Any, Optional[Any], float]:
     return operands(_MetaBuilder(_fake_mode([m.q.node, m.k.node, m.v.node, m.pv])), m)
 
 
+class _ValueBuilder(_MetaBuilder):
+    """The same construction on real values captured from a run of the graph."""
+
+    def __init__(self, values: dict[Node, Any]) -> None:
+        self.mode, self.values = None, values
+
+    def leaf(self, node: Node) -> Any:
+        return self.values[node]
+
+
+def leaves(m: Match) -> list[Node]:
+    """The graph nodes :func:`operands` reads for ``m`` (what a capture must record)."""
+    nodes = [m.q.node, m.k.node, m.v.node]
+    for t in m.masks:
+        nodes.append(t.node)
+        inner = C.negation_of(t.node) if t.negate else None
+        if inner is not None:
+            nodes.append(inner)
+    return nodes
+
+
+def operand_values(m: Match, values: dict[Node, Any]) -> tuple[Any, Any, Any, Optional[Any], float]:
+    """``(q, k, v, mask, fill)`` as the op takes them, from captured values of :func:`leaves`."""
+    with torch.no_grad():
+        return operands(_ValueBuilder(values), m)
+
+
 def erase_dead(graph: Graph, nodes: list[Node]) -> None:
     """Erase ``nodes`` (in order) once user-less, then any pure producers left without users."""
     erased: set[Node] = set()

@@ -121,6 +121,57 @@ class Problem:
         return f"{str(f.dtype).replace('torch.', '')} {f.b}x{f.hq}x{f.nq}x{f.nk}x{f.d}"
 
 
+@dataclass(frozen=True)
+class Gate:
+    """What a non-exact (quantized) kernel must keep on the site's own activations.
+
+    ``measure(kernel)`` runs ``kernel`` and the exact reference on the captured operands and
+    returns :func:`accuracy`'s numbers; a kernel below ``min_cosine`` or above ``max_rel_l1``
+    is rejected with them."""
+
+    measure: Callable[[str], dict[str, float]]
+    min_cosine: float = 0.999
+    max_rel_l1: float = 0.03
+
+
+def accuracy(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """Cosine similarity, relative L1 (Σ|o − r| / Σ|r|) and RMSE of ``out`` against ``ref``."""
+    o, r = out.detach().double().flatten(), ref.detach().double().flatten()
+    finite = torch.isfinite(r) & torch.isfinite(o)
+    o, r = o[finite], r[finite]
+    cos = float(torch.nn.functional.cosine_similarity(o, r, dim=0)) if o.numel() else 1.0
+    rel = float((o - r).abs().sum() / r.abs().sum().clamp_min(1e-30))
+    rmse = float(((o - r) ** 2).mean().sqrt()) if o.numel() else 0.0
+    return {"cosine": cos, "rel_l1": rel, "rmse": rmse}
+
+
+def _gate_verdicts(problem: Problem, policy: str, gate: Optional[Gate]) -> dict[str, list]:
+    """For each non-exact candidate: ``[reasons, accuracy]`` (no reasons = admitted)."""
+    from ..kernels import registry
+    out: dict[str, list] = {}
+    for name in registry.candidates(problem.device):
+        if registry.get(name).exact:
+            continue
+        if policy == "exact":
+            out[name] = [["not exact (policy='exact')"], {}]
+        elif problem.facts.training:
+            out[name] = [["inference only: the site needs gradients, an exact kernel runs it"], {}]
+        elif gate is None:
+            out[name] = [["no example activations to measure its accuracy on"], {}]
+        else:
+            try:
+                acc = gate.measure(name)
+            except Exception as e:  # a kernel that cannot run the site is not admitted
+                out[name] = [[f"could not be measured on the site's activations: {e!r}"], {}]
+                continue
+            bad = acc["cosine"] < gate.min_cosine or acc["rel_l1"] > gate.max_rel_l1
+            why = (f"accuracy gate on this site's activations: cosine {acc['cosine']:.5f} "
+                   f"(min {gate.min_cosine}), rel L1 {acc['rel_l1']:.4f} "
+                   f"(max {gate.max_rel_l1})")
+            out[name] = [[why + ": failed"] if bad else [], acc]
+    return out
+
+
 @dataclass
 class Choice:
     """The selector's answer for one problem."""
@@ -318,14 +369,13 @@ def _flash_module() -> Any:
 # ----------------------------------------------------------------------------- the choice
 
 def _candidates(problem: Problem, q: Any, k: Any, v: Any, mask: Any, policy: str,
-                env: dict[str, str]) -> list[Candidate]:
+                env: dict[str, str], verdicts: Optional[dict[str, list]] = None) -> list[Candidate]:
     from ..kernels import registry
     out = []
+    verdicts = verdicts if verdicts is not None else {}
     for name in registry.candidates(problem.device):
         kernel = registry.get(name)
-        reasons = []
-        if policy == "exact" and not kernel.exact:
-            reasons.append("not exact (policy='exact')")
+        reasons, acc = list(verdicts.get(name, [[], {}])[0]), verdicts.get(name, [[], {}])[1]
         reasons += registry.rejections(
             name, q, k, v, mask, problem.causal, window=problem.window,
             dropout_p=problem.dropout_p, softcap=problem.softcap, mask_fill=problem.mask_fill,
@@ -343,7 +393,7 @@ def _candidates(problem: Problem, q: Any, k: Any, v: Any, mask: Any, policy: str
             total = torch.cuda.get_device_properties(torch.device(problem.device)).total_memory
             if need > total // 4:
                 reasons.append(f"would materialise {need / 2**30:.1f} GiB of scores")
-        c = Candidate(name, reasons=reasons)
+        c = Candidate(name, reasons=reasons, accuracy=dict(acc))
         if not reasons:
             c.predicted_ms = predict(problem, name, env=env) * 1e3
         out.append(c)
@@ -361,29 +411,35 @@ def _summary(cands: list[Candidate]) -> str:
 
 
 def choose(problem: Problem, q: Any, k: Any, v: Any, mask: Any, *, policy: str = "exact",
-           tune: Optional[bool] = None) -> Choice:
-    """The kernel for ``problem`` (operands ``q, k, v, mask`` may be fake tensors)."""
+           tune: Optional[bool] = None, gate: Optional[Gate] = None) -> Choice:
+    """The kernel for ``problem`` (operands ``q, k, v, mask`` may be fake tensors). ``gate``
+    measures non-exact kernels on the site's activations (``policy="fast"``); which of them it
+    admitted is part of the cache key, since another site of the same shape may not pass."""
     env = _environment_key(problem)
-    key = {**env, "policy": policy, **problem.key()}
+    verdicts = _gate_verdicts(problem, policy, gate)
+    admitted = sorted(n for n, (reasons, _) in verdicts.items() if not reasons)
+    key = {**env, "policy": policy, "admitted": admitted, **problem.key()}
     digest = repr(sorted(key.items()))
     with _MEMO_LOCK:
-        memo = _MEMO.get(digest)
+        memo = _MEMO.get(digest) if gate is None else None
     if memo is not None:
         return memo
     with cache.tuning_lock(digest):
         with _MEMO_LOCK:
-            if digest in _MEMO:
+            if gate is None and digest in _MEMO:
                 return _MEMO[digest]
-        choice = _decide(problem, q, k, v, mask, policy, tune, env, key)
-        with _MEMO_LOCK:
-            _MEMO[digest] = choice
+        choice = _decide(problem, q, k, v, mask, policy, tune, env, key, verdicts)
+        if gate is None:  # measured verdicts belong to one site's data: not memoised
+            with _MEMO_LOCK:
+                _MEMO[digest] = choice
     log.info("attnfuse: %s -> %s (%s)", problem.describe(), choice.kernel, choice.reason)
     return choice
 
 
 def _decide(problem: Problem, q: Any, k: Any, v: Any, mask: Any, policy: str,
-            tune: Optional[bool], env: dict[str, str], key: dict[str, Any]) -> Choice:
-    cands = _candidates(problem, q, k, v, mask, policy, env)
+            tune: Optional[bool], env: dict[str, str], key: dict[str, Any],
+            verdicts: dict[str, list]) -> Choice:
+    cands = _candidates(problem, q, k, v, mask, policy, env, verdicts)
     eligible = sorted((c for c in cands if not c.reasons), key=lambda c: c.predicted_ms)
     if not eligible:
         return Choice("", "no kernel can run this site: " + "; ".join(
