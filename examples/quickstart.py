@@ -2,8 +2,9 @@
 
 The attention below is spelled by hand: a causal mask by ``masked_fill`` of a registered ``tril``
 buffer, the scale by ``/ math.sqrt(d)``, softmax in fp32. ``attnfuse.optimize`` finds each site,
-recognises the mask as causal, and runs one fused kernel instead (Triton on a GPU, the exact
-chunked reference on CPU). Run: ``python examples/quickstart.py``.
+recognises the mask as causal, and runs each site on the kernel its cost model picks (on a GPU,
+after timing the best candidates: attnfuse's Triton kernel or one of PyTorch's SDPA backends;
+``explain`` prints every candidate and why). Run: ``python examples/quickstart.py``.
 """
 from __future__ import annotations
 
