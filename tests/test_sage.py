@@ -161,6 +161,31 @@ def test_quantize_matches_torch():
 
 
 @FP8_SKIP
+def test_quantize_fp8_v_strided_gqa():
+    """The fused k/v launch on other shapes: GQA, D != Dv, strided ([B, N, H, E]) k and v, Nk
+    not a multiple of the token block or of 16, no smoothing (μ = 0, r = 0); and no keys."""
+    gen = _gen("quantize_kv")
+    q = _randn(gen, (1, 8, 33, 64))
+    k, v = _randn(gen, (1, 2, 70, 64), transposed=True), _randn(gen, (1, 2, 70, 128),
+                                                                transposed=True)
+    qz = quantize(q, k, v, pv="fp8", smooth_k=False, block_k=16)
+    assert (qz.k_mean == 0).all() and (qz.shift == 0).all()
+    groups = torch.nn.functional.pad(k.float(), (0, 0, 0, 10)).unflatten(2, (-1, 16))
+    torch.testing.assert_close(qz.k_scale, groups.abs().amax(dim=(-1, -2)) / 127, rtol=1e-6,
+                               atol=0)
+    s_tok = qz.k_scale.repeat_interleave(16, -1)[..., :70, None]
+    assert ((qz.k.float() * s_tok - k.float()).abs() <= 0.5001 * s_tok).all()
+    sv = v.float().abs().amax(dim=2) / 448
+    torch.testing.assert_close(qz.v_scale, sv, rtol=0, atol=0)
+    want = (v.float() / sv[:, :, None, :]).clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert qz.v.shape == (1, 2, 128, 80) and (qz.v[..., 70:].float() == 0).all()
+    assert torch.equal(qz.v[..., :70].float(), want.float().transpose(-1, -2))
+    empty = quantize(q, k[:, :, :0], v[:, :, :0], pv="fp8")
+    assert empty.v.shape == (1, 2, 128, 16) and (empty.v.float() == 0).all()
+    assert (empty.v_scale == 0).all()
+
+
+@FP8_SKIP
 def test_e4m3_rounding():
     """The kernel's fp32 -> e4m3 rounding equals torch's round-to-nearest-even, including the
     cases where rounding carries into the exponent and subnormals (the interpreter's own cast

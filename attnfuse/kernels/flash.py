@@ -50,7 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import CAUSAL_KINDS, check_dropout, check_seed, check_softcap, check_window
+from .reference import (check_dropout, check_seed, check_softcap, check_window,
+                        operand_reasons)
 
 try:  # TMA tensor descriptors built on the host (triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -62,7 +63,6 @@ _LN2_F = 0.6931471805599453
 _FP32_MAX = 3.4028234663852886e38
 _MAX_HEAD_DIM = 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MASK_DTYPES = (torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # An unbounded side of the band: far beyond any index, small enough that i ± it fits in int32.
 _UNBOUNDED = 1 << 30
 
@@ -876,47 +876,18 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[t
              causal: str) -> list[str]:
     """Human-readable reasons the kernel cannot run these inputs; empty list = supported."""
     reasons: list[str] = []
-    tensors = (("q", q), ("k", k), ("v", v))
     if q.dtype not in _DTYPES:
         reasons.append(f"dtype {_dtype_name(q.dtype)} not supported: use float16/bfloat16/float32")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        names = ", ".join(_dtype_name(t.dtype) for _, t in tensors)
-        reasons.append(f"q, k, v dtypes differ ({names})")
-    for name, t in tensors:
-        if t.dim() != 4:
-            reasons.append(f"{name} is {t.dim()}-D, kernel needs [B, H, N, D]")
-        elif t.shape[-1] > 1 and t.stride(-1) != 1:
-            reasons.append(f"last-dim stride of {name} is {t.stride(-1)}, kernel needs 1")
-        if t.device != q.device:
-            reasons.append(f"{name} is on {t.device}, q on {q.device}")
-    if causal not in CAUSAL_KINDS:
-        reasons.append(f"causal {causal!r} not one of {CAUSAL_KINDS}")
-    if q.device.type == "cpu" and not _INTERPRET:
-        reasons.append("device cpu needs TRITON_INTERPRET=1")
-    elif q.device.type not in ("cpu", "cuda"):
-        reasons.append(f"device {q.device.type} not supported")
-    if any(t.dim() != 4 for _, t in tensors):
+    reasons += operand_reasons(q, k, v, mask, causal, interpreted=_INTERPRET)
+    if any(t.dim() != 4 for t in (q, k, v)):
         return reasons
-    b, hq, nq, d = q.shape
+    d = q.shape[-1]
     if d > _MAX_HEAD_DIM:
         reasons.append(f"head dim {d} > {_MAX_HEAD_DIM}")
     if v.shape[-1] > _MAX_HEAD_DIM:
         reasons.append(f"value head dim {v.shape[-1]} > {_MAX_HEAD_DIM}")
     if k.shape[-1] != d:
         reasons.append(f"q head dim {d} != k head dim {k.shape[-1]}")
-    if k.shape[:3] != v.shape[:3] or k.shape[0] != b:
-        reasons.append(f"k {tuple(k.shape)} and v {tuple(v.shape)} do not match q {tuple(q.shape)}")
-    if k.shape[1] == 0 or hq % k.shape[1]:
-        reasons.append(f"{hq} query heads not a multiple of {k.shape[1]} kv heads")
-    if mask is not None:
-        full = (b, hq, nq, k.shape[2])
-        if mask.dtype not in _MASK_DTYPES:
-            reasons.append(f"mask dtype {_dtype_name(mask.dtype)} not supported: "
-                           "use bool or a float dtype")
-        if mask.dim() != 4 or any(n not in (1, f) for n, f in zip(mask.shape, full)):
-            reasons.append(f"mask {tuple(mask.shape)} is not a 4-D view broadcastable to {full}")
-        if mask.device != q.device:
-            reasons.append(f"mask is on {mask.device}, q on {q.device}")
     return reasons
 
 

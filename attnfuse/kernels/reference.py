@@ -44,7 +44,7 @@ error-ratio rule.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -85,6 +85,56 @@ def check_dropout(dropout_p: float) -> float:
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout_p: expected a probability in [0, 1], got {dropout_p!r}")
     return p
+
+
+MASK_DTYPES = (torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def operand_reasons(q: Any, k: Any, v: Any, mask: Any, causal: str, *,
+                    interpreted: bool) -> list[str]:
+    """What every Triton kernel here needs of its operands (possibly fake tensors), as reasons:
+    equal dtypes, [B, H, N, D] with unit last-dim stride on one device (CPU only through the
+    interpreter), k/v matching q with whole GQA groups, a known causal kind, and a bool or float
+    mask broadcastable to [B, Hq, Nq, Nk] by strides. Kernels add their dtype and head-dim rules."""
+    reasons: list[str] = []
+    tensors = (("q", q), ("k", k), ("v", v))
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        names = ", ".join(_dtype_name(t.dtype) for _, t in tensors)
+        reasons.append(f"q, k, v dtypes differ ({names})")
+    for name, t in tensors:
+        if t.dim() != 4:
+            reasons.append(f"{name} is {t.dim()}-D, kernel needs [B, H, N, D]")
+        elif t.shape[-1] > 1 and t.stride(-1) != 1:
+            reasons.append(f"last-dim stride of {name} is {t.stride(-1)}, kernel needs 1")
+        if t.device != q.device:
+            reasons.append(f"{name} is on {t.device}, q on {q.device}")
+    if causal not in CAUSAL_KINDS:
+        reasons.append(f"causal {causal!r} not one of {CAUSAL_KINDS}")
+    if q.device.type == "cpu" and not interpreted:
+        reasons.append("device cpu needs TRITON_INTERPRET=1")
+    elif q.device.type not in ("cpu", "cuda"):
+        reasons.append(f"device {q.device.type} not supported")
+    if any(t.dim() != 4 for _, t in tensors):
+        return reasons
+    b, hq, nq, _ = q.shape
+    if k.shape[:3] != v.shape[:3] or k.shape[0] != b:
+        reasons.append(f"k {tuple(k.shape)} and v {tuple(v.shape)} do not match q {tuple(q.shape)}")
+    if k.shape[1] == 0 or hq % k.shape[1]:
+        reasons.append(f"{hq} query heads not a multiple of {k.shape[1]} kv heads")
+    if mask is not None:
+        full = (b, hq, nq, k.shape[2])
+        if mask.dtype not in MASK_DTYPES:
+            reasons.append(f"mask dtype {_dtype_name(mask.dtype)} not supported: "
+                           "use bool or a float dtype")
+        if mask.dim() != 4 or any(n not in (1, f) for n, f in zip(mask.shape, full)):
+            reasons.append(f"mask {tuple(mask.shape)} is not a 4-D view broadcastable to {full}")
+        if mask.device != q.device:
+            reasons.append(f"mask is on {mask.device}, q on {q.device}")
+    return reasons
 
 
 def check_seed(seed: Optional[torch.Tensor], dropout_p: float, device: torch.device) -> None:

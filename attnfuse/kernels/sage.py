@@ -7,7 +7,10 @@ Legend (the symbols of ``reference.py`` and ``flash.py``; every tile comment use
     mask read through strides as [B, Hq, Nq, Nk] (stride 0 on broadcast dims), never expanded;
     query-row stride 0 (key padding [B,1,1,Nk]): MASK_ROWS_BCAST reads one [BLOCK_N] row per tile
 
-    Quantization (``quantize``; fused Triton kernels, the caller's tensors are never written):
+    Quantization (``quantize``; the caller's tensors are never written): torch reduces over
+    tokens first (μ; FP8: max|v| per channel, one read each), then two memory-bound launches
+    over (token blocks, heads, batch) read each tile once and keep it in registers: q → q8,
+    s_q, r (``_quant_q_kernel``); k and v → k8, s_k, vt8, s_v (``_quant_kv_kernel``)
     c     = scale·log2e                      folded into q, so scores come out in base 2
     μ     = mean over tokens of k            [B, Hkv, D] fp32 (K smoothing; 0 with smooth_k=False)
     s_q   = max|c·q| / 127 per group of BQ query tokens      q8 = round(c·q / s_q)        int8
@@ -60,7 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import CAUSAL_KINDS
+from .reference import operand_reasons
 
 __all__ = ["Quantized", "quantize", "sage_forward", "sage_reference", "supports"]
 
@@ -75,7 +78,6 @@ _FP8_MAX = 448.0  # largest finite e4m3 (fn) value
 _NO_MASK, _BOOL_MASK, _ADD_MASK = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 _HEAD_DIMS = (64, 128)
 _DTYPES = (torch.float16, torch.bfloat16)
-_MASK_DTYPES = (torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _PV_MODES = ("auto", "fp8", "fp16")
 # FP8 exists when both sides name e4m3 (feature test, never a version compare).
 _FP8 = hasattr(torch, "float8_e4m3fn") and hasattr(tl, "float8e4nv")
@@ -103,59 +105,65 @@ def _e4m3(x, EMU_FP8: tl.constexpr):
 
 
 @triton.jit
-def _quant_int8_kernel(X, Mu, Xq, Scale, Shift, sxb, sxh, sxn, N, HKV, GROUP, mult,
-                       SUBTRACT: tl.constexpr, SHIFT: tl.constexpr, PER_TOKEN: tl.constexpr,
-                       D: tl.constexpr, BLOCK: tl.constexpr):
-    """BLOCK tokens of one head: x' = mult·(x − μ) (μ only with SUBTRACT, the keys), its scale
-    max|x'|/127 (per token with PER_TOKEN, else one for the block) and round(x'/scale) as int8;
-    SHIFT (the queries): also r = x'·μ per token."""
-    blk = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    bh = b * tl.num_programs(1) + h
+def _int8_rows(x, rows, blk, bh, Xq, Scale, N, G: tl.constexpr, D: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """Tile x [BLOCK, D] fp32 (0 past N) of head bh: scales s = max|x|/127 per G tokens (G
+    divides BLOCK; G = 1: row maxima) and codes round(x/s), from registers: one pass."""
     offs_n = blk * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, D)
-    rows = offs_n[:, None] < N
-    x = tl.load(X + b * sxb + h * sxh + offs_n[:, None] * sxn + offs_d[None, :], mask=rows,
-                other=0.0).to(tl.float32)  # [BLOCK, D]
-    mu = tl.load(Mu + (b * HKV + h // GROUP) * D + offs_d)  # [D]
-    if SUBTRACT:
-        x = tl.where(rows, x - mu[None, :], 0.0)
-    x = x * mult
-    # An all-zero token/block (padding too) keeps scale 0 and codes 0, dividing by 1, not 0.
-    if PER_TOKEN:
-        amax = tl.max(tl.abs(x), 1)  # [BLOCK]
-        tl.store(Scale + bh * N + offs_n, amax / 127.0, mask=offs_n < N)
-        y = x * (127.0 / tl.where(amax > 0.0, amax, 1.0))[:, None]
-    else:
-        amax = tl.max(tl.max(tl.abs(x), 1), 0)
-        tl.store(Scale + bh * tl.num_programs(0) + blk, amax / 127.0)
-        y = x * (127.0 / tl.where(amax > 0.0, amax, 1.0))
+    offs_g = blk * (BLOCK // G) + tl.arange(0, BLOCK // G)
+    amax = tl.max(tl.reshape(tl.abs(x), [BLOCK // G, G * D]), 1)  # [BLOCK/G]: G tokens a row
+    tl.store(Scale + bh * tl.cdiv(N, G) + offs_g, amax / 127.0, mask=offs_g < tl.cdiv(N, G))
+    # An all-zero token/group (padding too) keeps scale 0 and codes 0, dividing by 1, not 0.
+    inv = tl.broadcast_to((127.0 / tl.where(amax > 0.0, amax, 1.0))[:, None], [BLOCK // G, G])
+    y = x * tl.reshape(inv, [BLOCK])[:, None]  # [BLOCK, D]
     # Round half away from zero: the float -> int cast truncates toward zero.
     q8 = (y + tl.where(y >= 0.0, 0.5, -0.5)).to(tl.int8)
-    tl.store(Xq + (bh * N + offs_n[:, None]) * D + offs_d[None, :], q8, mask=rows)
-    if SHIFT:
-        tl.store(Shift + bh * N + offs_n, tl.sum(x * mu[None, :], 1), mask=offs_n < N)
+    tl.store(Xq + (bh * N + offs_n[:, None]) * D + tl.arange(0, D)[None, :], q8, mask=rows)
 
 
 @triton.jit
-def _quant_fp8_kernel(V, Sv, Vt, svb, svh, svn, N, NPAD, EMU_FP8: tl.constexpr,
-                      DV: tl.constexpr, BLOCK: tl.constexpr):
-    """One block of BLOCK tokens of one kv head: vt8[ch, n] = e4m3(v[n, ch] / s_v[ch]), written
-    transposed (K-major); tokens in [N, NPAD) are written as 0."""
-    blk = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
+def _quant_q_kernel(Q, Mu, Q8, Sq, Shift, sqb, sqh, sqn, N, HKV, GROUP, c, G: tl.constexpr,
+                    D: tl.constexpr, BLOCK: tl.constexpr):
+    """BLOCK query tokens of one head: x = c·q, its codes and scales, r = x·μ (its kv head's)."""
+    blk, h, b = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    offs_n, offs_d = blk * BLOCK + tl.arange(0, BLOCK), tl.arange(0, D)
+    rows = offs_n[:, None] < N
+    x = tl.load(Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :], mask=rows,
+                other=0.0).to(tl.float32) * c  # [BLOCK, D]
+    mu = tl.load(Mu + (b * HKV + h // GROUP) * D + offs_d)  # [D]
     bh = b * tl.num_programs(1) + h
-    offs_n = blk * BLOCK + tl.arange(0, BLOCK)
-    offs_c = tl.arange(0, DV)
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_c[None, :],
-                mask=offs_n[:, None] < N, other=0.0).to(tl.float32)  # [BLOCK, DV]
-    s = tl.load(Sv + bh * DV + offs_c)  # [DV]
-    x = v / tl.where(s > 0.0, s, 1.0)[None, :]  # an all-zero channel has s_v = 0 and stays 0
-    x = tl.minimum(tl.maximum(x, -448.0), 448.0)  # rounding of v / s_v may pass 448 by an ulp
-    tl.store(Vt + (bh * DV + offs_c[None, :]) * NPAD + offs_n[:, None], _e4m3(x, EMU_FP8),
-             mask=offs_n[:, None] < NPAD)
+    _int8_rows(x, rows, blk, bh, Q8, Sq, N, G, D, BLOCK)
+    tl.store(Shift + bh * N + offs_n, tl.sum(x * mu[None, :], 1), mask=offs_n < N)
+
+
+@triton.jit
+def _quant_kv_kernel(K, Mu, K8, Sk, V, Vmax, Sv, Vt, skb, skh, skn, svb, svh, svn, N, NPAD,
+                     SUBTRACT: tl.constexpr, PV_FP8: tl.constexpr, EMU_FP8: tl.constexpr,
+                     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr):
+    """BLOCK key tokens of one kv head: codes and scales of k − μ; PV_FP8: vt8 = e4m3(v/s_v)ᵀ,
+    s_v = Vmax/448 (block 0 stores it): a [BLOCK, DV] tile loaded along channels, transposed
+    (via shared memory) and stored along tokens in 16-byte rows; tokens in [N, NPAD) get 0."""
+    blk, h, b = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    bh = b * tl.num_programs(1) + h
+    offs_n, offs_d = blk * BLOCK + tl.arange(0, BLOCK), tl.arange(0, D)
+    rows = offs_n[:, None] < N
+    x = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=rows,
+                other=0.0).to(tl.float32)  # [BLOCK, D]
+    if PV_FP8:  # issued before k's arithmetic: both tiles' loads in flight together
+        offs_c = tl.arange(0, DV)
+        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_c[None, :], mask=rows,
+                    other=0.0).to(tl.float32)  # [BLOCK, DV]
+    if SUBTRACT:
+        x = tl.where(rows, x - tl.load(Mu + bh * D + offs_d)[None, :], 0.0)
+    _int8_rows(x, rows, blk, bh, K8, Sk, N, G, D, BLOCK)
+    if PV_FP8:
+        # IEEE divisions (div_rn; "/" is approximate on GPUs): torch's v / s_v, bit for bit.
+        s = tl.div_rn(tl.load(Vmax + bh * DV + offs_c).to(tl.float32), 448.0)  # s_v [DV]
+        tl.store(Sv + bh * DV + offs_c, s, mask=(offs_c < DV) & (blk == 0))
+        y = tl.div_rn(v, tl.where(s > 0.0, s, 1.0)[None, :])  # all-zero channel: s_v = 0, y = 0
+        y = tl.minimum(tl.maximum(y, -448.0), 448.0)  # rounding of v / s_v may pass 448 by an ulp
+        tl.store(Vt + (bh * DV + offs_c[:, None]) * NPAD + offs_n[None, :],
+                 tl.trans(_e4m3(y, EMU_FP8)), mask=offs_n[None, :] < NPAD)  # [DV, BLOCK]
 
 
 @triton.jit
@@ -311,7 +319,7 @@ _INTERPRET = type(_sage_fwd_kernel).__name__ == "InterpretedFunction"
 # Interpreter tiles: small, so tests cover many tiles; BLOCK_N 32 as the GPU's int8/fp8 dots
 # need a reduction dim of at least 32 (BLOCK_N is the FP8 P·V dot's).
 _INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32}
-_QUANT_BLOCK = 32 if _INTERPRET else 64  # tokens per program: V and per-token quantization
+_QUANT_BLOCK = 32 if _INTERPRET else 64  # tokens per quantization program (at least)
 _AUTOTUNE = os.environ.get("ATTNFUSE_SAGE_AUTOTUNE", "1") != "0"
 _TUNE_KEY = ["NQ_BUCKET", "NK_BUCKET", "D", "DV", "CAUSAL", "MASK_KIND", "MASK_ROWS_BCAST",
              "PV_FP8"]
@@ -406,52 +414,24 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[t
     """Human-readable reasons the kernel cannot run these inputs; empty list = supported.
     (No dropout, window or soft-cap: those sites go to the exact kernels.)"""
     reasons: list[str] = []
-    tensors = (("q", q), ("k", k), ("v", v))
     if q.dtype not in _DTYPES:
         reasons.append(f"dtype {_name(q.dtype)} not supported: the quantized kernel takes "
                        "float16/bfloat16 (use the flash kernel for float32)")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        reasons.append(f"q, k, v dtypes differ ({', '.join(_name(t.dtype) for _, t in tensors)})")
-    for name, t in tensors:
-        if t.dim() != 4:
-            reasons.append(f"{name} is {t.dim()}-D, kernel needs [B, H, N, D]")
-        elif t.shape[-1] > 1 and t.stride(-1) != 1:
-            reasons.append(f"last-dim stride of {name} is {t.stride(-1)}, kernel needs 1")
-        if t.device != q.device:
-            reasons.append(f"{name} is on {t.device}, q on {q.device}")
-    if causal not in CAUSAL_KINDS:
-        reasons.append(f"causal {causal!r} not one of {CAUSAL_KINDS}")
+    reasons += operand_reasons(q, k, v, mask, causal, interpreted=_INTERPRET)
     if pv not in _PV_MODES:
         reasons.append(f"pv {pv!r} not one of {_PV_MODES}")
     elif pv == "fp8" and not _FP8:
         reasons.append("pv='fp8' needs float8_e4m3fn in torch and float8e4nv in triton")
     elif pv == "fp8" and q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 9):
         reasons.append("pv='fp8' needs an FP8 tensor core (sm_89+)")
-    if q.device.type == "cpu" and not _INTERPRET:
-        reasons.append("device cpu needs TRITON_INTERPRET=1")
-    elif q.device.type not in ("cpu", "cuda"):
-        reasons.append(f"device {q.device.type} not supported")
-    if any(t.dim() != 4 for _, t in tensors):
+    if any(t.dim() != 4 for t in (q, k, v)):
         return reasons
-    b, hq, nq, d = q.shape
+    d = q.shape[-1]
     if d not in _HEAD_DIMS or k.shape[-1] != d:
         reasons.append(f"head dims q {d}, k {k.shape[-1]}: the quantized kernel needs both "
                        f"in {_HEAD_DIMS}")
     if v.shape[-1] not in _HEAD_DIMS:
         reasons.append(f"value head dim {v.shape[-1]} not in {_HEAD_DIMS}")
-    if k.shape[:3] != v.shape[:3] or k.shape[0] != b:
-        reasons.append(f"k {tuple(k.shape)} and v {tuple(v.shape)} do not match q {tuple(q.shape)}")
-    if k.shape[1] == 0 or hq % k.shape[1]:
-        reasons.append(f"{hq} query heads not a multiple of {k.shape[1]} kv heads")
-    if mask is not None:
-        full = (b, hq, nq, k.shape[2])
-        if mask.dtype not in _MASK_DTYPES:
-            reasons.append(f"mask dtype {_name(mask.dtype)} not supported: use bool or a float "
-                           "dtype")
-        if mask.dim() != 4 or any(n not in (1, f) for n, f in zip(mask.shape, full)):
-            reasons.append(f"mask {tuple(mask.shape)} is not a 4-D view broadcastable to {full}")
-        if mask.device != q.device:
-            reasons.append(f"mask is on {mask.device}, q on {q.device}")
     return reasons
 
 
@@ -472,46 +452,40 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[
              block_k: int = 1) -> Quantized:
     """INT8 q and k (a scale per ``block_q`` / ``block_k`` tokens, 1 = per token; k smoothed
     unless ``smooth_k=False``) and, with ``pv="fp8"``, the K-major e4m3 v with per-channel scales.
-    New tensors only: the inputs are read, never written."""
+    New tensors only: the inputs are read, never written (structure: see the legend)."""
     _check_blocks(block_q, block_k)
     pv = _resolve_pv(pv, q)
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
-    dev = q.device
-    # μ in fp32 straight from k's dtype (no fp32 copy of k); zeros: smoothing off, same code.
-    if smooth_k and nk:
-        mu = k.mean(dim=2, dtype=torch.float32).contiguous()
-    else:
-        mu = torch.zeros((b, hkv, d), dtype=torch.float32, device=dev)
-    q8 = torch.empty((b, hq, nq, d), dtype=torch.int8, device=dev)
-    k8 = torch.empty((b, hkv, nk, d), dtype=torch.int8, device=dev)
-    sq = torch.empty((b, hq, triton.cdiv(nq, block_q)), dtype=torch.float32, device=dev)
-    sk = torch.empty((b, hkv, triton.cdiv(nk, block_k)), dtype=torch.float32, device=dev)
-    shift = torch.empty((b, hq, nq), dtype=torch.float32, device=dev)
-    vt8 = sv = None
-    warps = 4 if _INTERPRET or d <= 64 else 8
-    tok_q, tok_k = (_QUANT_BLOCK if n == 1 else n for n in (block_q, block_k))
+    dev, fp8 = q.device, pv == "fp8"
+    f32, i8 = dict(dtype=torch.float32, device=dev), dict(dtype=torch.int8, device=dev)
+    smooth = smooth_k and nk > 0  # μ in fp32 straight from k's dtype (no fp32 copy of k)
+    mu = k.mean(dim=2, dtype=torch.float32).contiguous() if smooth else \
+        torch.zeros((b, hkv, d), **f32)  # zeros: smoothing off, same code
+    q8, k8 = torch.empty((b, hq, nq, d), **i8), torch.empty((b, hkv, nk, d), **i8)
+    sq = torch.empty((b, hq, triton.cdiv(nq, block_q)), **f32)
+    sk = torch.empty((b, hkv, triton.cdiv(nk, block_k)), **f32)
+    shift = torch.empty((b, hq, nq), **f32)
+    npad, vt8, sv, vmax = triton.cdiv(max(nk, 1), 16) * 16, None, None, None  # 16-byte rows
+    if fp8:  # written by the k/v launch, which does not run without keys (zeros then)
+        new = torch.empty if k.numel() else torch.zeros
+        vt8 = new((b, hkv, dv, npad), dtype=torch.float8_e4m3fn, device=dev)
+        sv = new((b, hkv, dv), **f32)
+        # max|v| per channel: one read, no |v| copy, exact in v's dtype (s_v = it/448 in-kernel)
+        vmax = torch.linalg.vector_norm(v, float("inf"), dim=2).contiguous() if nk else None
+    tok_q, tok_k = (max(_QUANT_BLOCK, n) for n in (block_q, block_k))
     c = (1.0 / math.sqrt(d) if scale is None else float(scale)) * _LOG2E_F
     with _device_ctx(q):
         if q.numel():
-            _quant_int8_kernel[(triton.cdiv(nq, tok_q), hq, b)](
-                q, mu, q8, sq, shift, *q.stride()[:3], nq, hkv, hq // hkv, c, SUBTRACT=False,
-                SHIFT=True, PER_TOKEN=block_q == 1, D=d, BLOCK=tok_q, num_warps=warps)
+            _quant_q_kernel[(triton.cdiv(nq, tok_q), hq, b)](
+                q, mu, q8, sq, shift, *q.stride()[:3], nq, hkv, hq // hkv, c, G=block_q, D=d,
+                BLOCK=tok_q, num_warps=4 if _INTERPRET or d <= 64 else 8)
         if k.numel():
-            _quant_int8_kernel[(triton.cdiv(nk, tok_k), hkv, b)](
-                k, mu, k8, sk, shift, *k.stride()[:3], nk, hkv, 1, 1.0, SUBTRACT=True,
-                SHIFT=False, PER_TOKEN=block_k == 1, D=d, BLOCK=tok_k, num_warps=warps)
-        if pv == "fp8":
-            npad = triton.cdiv(max(nk, 1), 16) * 16  # 16-byte aligned rows of tokens
-            vt8 = torch.empty((b, hkv, dv, npad), dtype=torch.float8_e4m3fn, device=dev)
-            # max|v| per channel from two reductions, without an |v| copy of v.
-            amax = torch.maximum(v.amax(dim=2), -v.amin(dim=2)) if nk else \
-                torch.zeros((b, hkv, dv), dtype=v.dtype, device=dev)
-            sv = (amax.float() / _FP8_MAX).contiguous()
-            if vt8.numel():
-                _quant_fp8_kernel[(triton.cdiv(npad, _QUANT_BLOCK), hkv, b)](
-                    v, sv, vt8, *v.stride()[:3], nk, npad, EMU_FP8=_INTERPRET, DV=dv,
-                    BLOCK=_QUANT_BLOCK, num_warps=4)
+            _quant_kv_kernel[(triton.cdiv(nk, tok_k), hkv, b)](
+                k, mu, k8, sk, v, vmax if fp8 else mu, sv if fp8 else mu, vt8 if fp8 else k8,
+                *k.stride()[:3], *v.stride()[:3], nk, npad, SUBTRACT=smooth, PV_FP8=fp8,
+                EMU_FP8=_INTERPRET, G=block_k, D=d, DV=dv, BLOCK=tok_k,
+                num_warps=4 if _INTERPRET or max(d, dv if fp8 else 0) <= 64 else 8)
     return Quantized(q8, sq, k8, sk, mu, shift, vt8, sv, block_q, block_k)
 
 
