@@ -1,6 +1,6 @@
 """Regret of attnfuse's kernel choice: chosen kernel's time vs the fastest candidate, measured.
 
-For each problem of the grid (KERNELS.md's shapes: B·N = 16k tokens, H·d = 2048; plus GQA, masked,
+For each problem of the grid (the FlashAttention-3 paper's shapes: B·N = 16k tokens, H·d = 2048; plus GQA, masked,
 short-query and training cases) every eligible candidate is timed (``do_bench``, median) to find
 the fastest; then the selector chooses twice from an empty cache:
 

@@ -69,6 +69,11 @@ CASES = {
                                dict(mask_fill=-1e4)),
     "block_n64_brief_blocks": (1, 2, 2, 100, 100, 64, 64, "bottom_right", None, torch.float16,
                                dict(block_n=64, block_q=128, block_k=64)),
+    # Head dim 32 (all-MiniLM-L6-v2: 12 heads of 32): the Q·Kᵀ dot's reduction dim is 32.
+    "d32_key_padding": (2, 4, 4, 45, 45, 32, 32, "none", "padding", torch.float16, {}),
+    "d32_causal_bf16_gqa": (1, 4, 2, 33, 70, 32, 32, "bottom_right", None, torch.bfloat16, {}),
+    "d32_blocks_n64": (1, 2, 2, 100, 100, 32, 32, "top_left", None, torch.float16,
+                       dict(block_n=64, block_q=32, block_k=16)),
 }
 
 
@@ -241,13 +246,14 @@ BOUNDS = {"fp16": (0.999, 0.03), "fp8": (0.999, 0.045)}
 
 
 @pytest.mark.parametrize("pv", PVS)
+@pytest.mark.parametrize("d", [128, 32])
 @pytest.mark.parametrize("kind", ["gaussian", "channel_offset", "outliers"])
-def test_accuracy_vs_exact(kind, pv):
-    q, k, v = _accuracy_inputs(kind, _gen("accuracy", kind))
+def test_accuracy_vs_exact(kind, d, pv):
+    q, k, v = _accuracy_inputs(kind, _gen("accuracy", kind, *(() if d == 128 else (d,))), d=d)
     exact, exact_lse = attention_forward(q, k, v, causal="top_left")
     out, lse = sage_forward(q, k, v, causal="top_left", pv=pv)
     cos, rel_l1 = _metrics(out, exact)
-    print(f"sage {pv} {kind}: cosine {cos:.6f} rel L1 {rel_l1:.4f}")
+    print(f"sage {pv} {kind} d={d}: cosine {cos:.6f} rel L1 {rel_l1:.4f}")
     min_cos, max_l1 = BOUNDS[pv]
     assert cos >= min_cos and rel_l1 <= max_l1, (cos, rel_l1)
     # lse is that of the unsmoothed scores (the row shift r is added back): within the
@@ -303,6 +309,10 @@ def test_supports_reasons():
 
     ok = t(1, 2, 8, 64)
     assert supports(ok, ok, ok, None, "none") == []
+    d32 = t(1, 2, 8, 32)
+    assert supports(d32, d32, d32, None, "none") == []
+    assert any("head dim" in r for r in supports(t(1, 2, 8, 16), t(1, 2, 8, 16), t(1, 2, 8, 16),
+                                                 None, "none"))
     assert any("head dim" in r for r in supports(t(1, 2, 8, 96), t(1, 2, 8, 96), t(1, 2, 8, 96),
                                                  None, "none"))
     assert any("value head dim 96" in r for r in supports(ok, ok, t(1, 2, 8, 96), None, "none"))

@@ -136,7 +136,7 @@ def _sage() -> dict[str, Kernel]:
 
         summary = (f"Triton SageAttention-style: INT8 Q·Kᵀ (K smoothed), "
                    f"{'FP8 e4m3' if pv == 'fp8' else 'FP16'} P·V; inference only")
-        # SageAttention2 reports ~900 TOPS on an H100 (KERNELS.md): INT8/FP8 dots at twice the
+        # The SageAttention2 paper reports ~900 TOPS on an H100: INT8/FP8 dots at twice the
         # bf16 rate, bound by the exponentials at D <= 128; plus the quantization passes.
         profile = Profile(matmul=1.1 if pv == "fp8" else 0.8, exp=0.45, bwd_matmul=0.5,
                           launches_fwd=4, host_fwd_us=300, row_broadcast_mask=True)
@@ -151,8 +151,9 @@ def _sage_supports(sage: Any, pv: str, q: Any, k: Any, v: Any, mask: Any, causal
     return sage.supports(q, k, v, mask, causal, pv)
 
 
-# SDPA backends' priors, measured on an H100 (KERNELS.md): cuDNN ~610 TFLOP/s forward and ~525
-# backward at D=128, FA2 ~341/300, memory-efficient ~172; the math backend materialises scores.
+# SDPA backends' priors, measured on an H100 (benchmarks/RESULTS.md): cuDNN ~610 TFLOP/s
+# forward and ~525 backward at D=128, FA2 ~341/300, memory-efficient ~172; the math backend
+# materialises scores.
 _SDPA_PROFILES = {
     "sdpa_cudnn": Profile(matmul=0.77, exp=0.43, bwd_matmul=0.66, launches_bwd=2, host_fwd_us=30),
     "sdpa_flash": Profile(matmul=0.43, exp=0.29, bwd_matmul=0.38, launches_bwd=2),

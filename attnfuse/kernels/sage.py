@@ -2,7 +2,8 @@
 
 Legend (the symbols of ``reference.py`` and ``flash.py``; every tile comment uses them)::
 
-    q [B, Hq, Nq, D]   k [B, Hkv, Nk, D]   v [B, Hkv, Nk, Dv]   G = Hq // Hkv   D, Dv in {64, 128}
+    q [B, Hq, Nq, D]   k [B, Hkv, Nk, D]   v [B, Hkv, Nk, Dv]   G = Hq // Hkv
+    D, Dv in {32, 64, 128} (the int8 Q·Kᵀ dot reduces over D, the P·V dot over BLOCK_N >= 32)
     out [B, Hq, Nq, Dv] in q's dtype        lse [B, Hq, Nq] fp32, natural log, -inf on empty rows
     mask read through strides as [B, Hq, Nq, Nk] (stride 0 on broadcast dims), never expanded;
     query-row stride 0 (key padding [B,1,1,Nk]): MASK_ROWS_BCAST reads one [BLOCK_N] row per tile
@@ -76,7 +77,7 @@ _MIN_SCORE2 = tl.constexpr(_MIN_SCORE2_F)
 _FP8_MAX = 448.0  # largest finite e4m3 (fn) value
 # Jitted code may read globals only as constexprs; host code uses their .value.
 _NO_MASK, _BOOL_MASK, _ADD_MASK = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
-_HEAD_DIMS = (64, 128)
+_HEAD_DIMS = (32, 64, 128)
 _DTYPES = (torch.float16, torch.bfloat16)
 _PV_MODES = ("auto", "fp8", "fp16")
 # FP8 exists when both sides name e4m3 (feature test, never a version compare).
@@ -343,7 +344,7 @@ _CONFIGS = {
 def _situation(args: dict) -> str:
     if args["MASK_KIND"] != _NO_MASK.value and not args["MASK_ROWS_BCAST"]:
         return "masked"
-    return "d64" if max(args["D"], args["DV"]) <= 64 else "d128"
+    return "d64" if max(args["D"], args["DV"]) <= 64 else "d128"  # d32 (MiniLM) runs d64's
 
 
 def _prune(configs: list, named_args: dict, **kwargs) -> list:

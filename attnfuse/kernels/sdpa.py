@@ -7,7 +7,7 @@ that backend's aten op, whose derivative PyTorch owns, so training needs nothing
 They are not kernels of the ``attnfuse::attention`` op (they return no log-sum-exp it could use).
 
 What they may run is stricter than what the backends accept, because a rewrite must keep the
-model's function (and the contract of ECOSYSTEM §5.1: a row with no key gives 0):
+model's function (and attnfuse's contract: a row with no key gives 0):
 
 * a mask and a causal band not both (SDPA refuses them together);
 * no sliding window, soft-capping or bottom-right causal band with Nq ≠ Nk (SDPA has none of

@@ -66,7 +66,7 @@ _COMPILED: dict[str, Callable[..., float]] = {
 class Profile:
     """How one kernel spends the device: fractions of each ceiling it reaches, and its shape.
 
-    Efficiencies are priors from measurements on an H100 (KERNELS.md, benchmarks/RESULTS.md);
+    Efficiencies are priors from measurements on an H100 (benchmarks/RESULTS.md);
     measurement on the user's device refines them per shape class."""
 
     matmul: float                 # fraction of the dense-matmul ceiling its dots reach (forward)
