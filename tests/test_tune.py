@@ -309,6 +309,7 @@ def test_flash_configs_round_trip_through_the_cache_format():
         assert (config.kwargs["BLOCK_N"], config.num_warps, config.num_stages) == (64, 8, 3)
         assert config.pre_hook is not None               # TMA configs size their descriptors
         assert flash.tuned_configs([key]) == records[:1]
+        assert flash.tuned_configs([key, list(key), key]) == records[:1]   # each key once
         with flash.recording() as outer:
             with flash.recording() as inner:
                 flash._RECORDING.append(key)

@@ -842,8 +842,8 @@ def recording():
 def tuned_configs(keys: Optional[list] = None) -> list[dict]:
     """The remembered configs (of ``keys``, default all) as JSON-able records for :func:`preload`."""
     out = []
-    for key in (keys if keys is not None else list(_CHOSEN)):
-        config = _CHOSEN.get(tuple(key))
+    for key in dict.fromkeys(tuple(k) for k in (keys if keys is not None else _CHOSEN)):
+        config = _CHOSEN.get(key)
         if config is None:
             continue
         out.append({"key": list(key), "kwargs": dict(config.kwargs),
