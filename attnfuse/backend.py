@@ -23,11 +23,10 @@ from .kernels import registry
 from .passes import canonicalize as C
 from .passes import lower
 from .passes.match import Context, match_softmax, module_path, softmax_nodes, source_location, spec_of
-from .passes.rewrite import operand_metas, rewrite_sdpa, rewrite_site
+from .passes.rewrite import leaves, operand_metas, operand_values, rewrite_sdpa, rewrite_site
+from .passes.values import capture
 from .report import GraphSnapshot, Report, Site
 from .spec import AttentionSpec, MaskSpec, Reject, TensorInfo
-from .passes.rewrite import leaves, operand_values
-from .passes.values import capture
 from .tune.select import Choice, Gate, Problem, accuracy, choose
 
 log = logging.getLogger(__name__)

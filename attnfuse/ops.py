@@ -275,8 +275,8 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
 def _choose_eager(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: str,
                   kernel: str, window: tuple[int, int], softcap: float, dropout_p: float,
                   scale: float) -> str:
-    """The kernel for an eager call: the selector's (memoised per shape class), or a forced SDPA
-    backend after checking it can run these inputs."""
+    """The kernel for an eager call: the selector's (remembered per exact call shape), or a
+    forced SDPA backend after checking it can run these inputs."""
     m4 = as_4d(mask)
     kw = dict(window=window, softcap=softcap, dropout_p=dropout_p, source="sdpa",
               mask_grad=bool(m4 is not None and m4.requires_grad))
@@ -287,18 +287,8 @@ def _choose_eager(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causa
         return kernel
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, m4))
-    # A cheap exact key first: the selector's own key costs more than a small attention call.
+    from .tune.select import Problem, choose_eager
     fast = (q.shape, k.shape, v.shape, q.stride(), q.dtype, q.device, causal, window, softcap,
             dropout_p, training, None if m4 is None else (m4.shape, m4.stride(), m4.dtype))
-    name = _EAGER_CHOICES.get(fast)
-    if name is None:
-        from .tune.select import Problem, choose
-        choice = choose(Problem.of(q, k, v, m4, causal, training=training, scale=scale, **kw),
-                        q, k, v, m4)
-        if not choice.kernel:
-            raise ValueError(choice.reason)
-        name = _EAGER_CHOICES[fast] = choice.kernel
-    return name
-
-
-_EAGER_CHOICES: dict[tuple, str] = {}
+    return choose_eager(fast, lambda: Problem.of(q, k, v, m4, causal, training=training,
+                                                 scale=scale, **kw), q, k, v, m4)

@@ -336,14 +336,19 @@ def embed(model: Any, encs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     return torch.cat(out)
 
 
+def _baseline(args: argparse.Namespace) -> tuple[Any, list, list[dict], torch.Tensor]:
+    """The eager fp32 model, the sentences, their batches and their reference embeddings."""
+    model, tok = load(model_dir(args.model), args.device)
+    texts = sentences()[:args.limit]
+    encs = batches(texts, tok, args.device)
+    return model, texts, encs, embed(model, encs)
+
+
 def embeddings(args: argparse.Namespace) -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    path, device = model_dir(args.model), args.device
-    texts = sentences()[:args.limit]
-    model, tok = load(path, device)
-    encs = batches(texts, tok, device)
-    base = embed(model, encs)
+    device = args.device
+    model, texts, encs, base = _baseline(args)
     pvs = ["fp16"] + (["fp8"] if "sage_fp8" in methods(device) else [])
     results: dict[str, dict[str, float]] = {}
     for pv in pvs:
@@ -369,11 +374,8 @@ def optimized(args: argparse.Namespace) -> None:
     import copy
 
     import attnfuse
-    path, device = model_dir(args.model), args.device
-    texts = sentences()[:args.limit]
-    model, tok = load(path, device)
-    encs = batches(texts, tok, device)
-    base = embed(model, encs)
+    device = args.device
+    model, texts, encs, base = _baseline(args)
     half = copy.deepcopy(model).half()
     floor = (embed(half, encs).float() * base).sum(-1)
     fast = attnfuse.optimize(half, example_inputs=dict(encs[0]), policy="fast")

@@ -276,14 +276,14 @@ def test_inductor_graph_cache_keys_on_the_choice(monkeypatch, tmp_path):
     from torch._dynamo.utils import counters
     from torch._inductor import config as inductor_config
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", True)
-    monkeypatch.setattr(inductor_config, "fx_graph_remote_cache", False)
     q, k, v = _qkv(nq=16, nk=16)
 
     def compile_once(kernel):
         torch._dynamo.reset()
         counters.clear()
-        out = attnfuse.optimize(_Attn(), inner="inductor", kernel=kernel)(q, k, v)
+        # Inductor's own patch context: monkeypatching its config module leaks past the test.
+        with inductor_config.patch(fx_graph_cache=True, fx_graph_remote_cache=False):
+            out = attnfuse.optimize(_Attn(), inner="inductor", kernel=kernel)(q, k, v)
         return out, dict(counters["inductor"])
 
     _, first = compile_once("sdpa_math")

@@ -184,6 +184,18 @@ def erase_dead(graph: Graph, nodes: list[Node]) -> None:
         erase(n)
 
 
+def _fused(b: _Builder, q: Any, k: Any, v: Any, mask: Any, scale: float, causal: str,
+           fill: float, kernel: str, softcap: float = 0.0,
+           window: tuple[int, int] = (-1, -1)) -> Node:
+    """The output node of one fused call: ``attnfuse::attention``, or the pinned SDPA call of an
+    SDPA kernel (whose sites carry no fill, soft-cap or window: the selector refused those)."""
+    if registry.is_sdpa(kernel):
+        return b.fn(sdpa.call, q, k, v, mask, scale, causal != "none", kernel)
+    fused = b.fn(torch.ops.attnfuse.attention.default, q, k, v, mask, scale, causal, fill, kernel,
+                 softcap, *window)
+    return b.fn(operator.getitem, fused, 0)
+
+
 def rewrite_site(gm: GraphModule, m: Match, kernel: str, note: str) -> Node:
     """Replace P·V of ``m`` with the fused op; returns the new output node."""
     graph = gm.graph
@@ -191,12 +203,8 @@ def rewrite_site(gm: GraphModule, m: Match, kernel: str, note: str) -> Node:
     b = _Builder(graph, m.pv, mode, note)
     q, k, v, mask, fill = operands(b, m)
     left, right = m.window
-    if registry.is_sdpa(kernel):
-        out = b.fn(sdpa.call, q, k, v, mask, float(m.scale), m.causal != "none", kernel)
-    else:
-        fused = b.fn(torch.ops.attnfuse.attention.default, q, k, v, mask, float(m.scale),
-                     m.causal, fill, kernel, float(m.softcap), int(left), int(right))
-        out = b.fn(operator.getitem, fused, 0)
+    out = _fused(b, q, k, v, mask, float(m.scale), m.causal, fill, kernel, float(m.softcap),
+                 (int(left), int(right)))
     for name, args in m.out_ops:
         out = b("call_method", name, out, *args)
     m.pv.replace_all_uses_with(out)
@@ -208,12 +216,7 @@ def rewrite_sdpa(gm: GraphModule, node: Node, q: Any, k: Any, v: Any, mask: Any,
                  causal: str, kernel: str, note: str) -> Node:
     """Replace an SDPA call with the fused op (same operands; GQA and masks carry over)."""
     b = _Builder(gm.graph, node, _fake_mode([node]), note)
-    if registry.is_sdpa(kernel):
-        out = b.fn(sdpa.call, q, k, v, mask, scale, causal != "none", kernel)
-    else:
-        fused = b.fn(torch.ops.attnfuse.attention.default, q, k, v, mask, scale, causal,
-                     float("-inf"), kernel, 0.0)
-        out = b.fn(operator.getitem, fused, 0)
+    out = _fused(b, q, k, v, mask, scale, causal, float("-inf"), kernel)
     node.replace_all_uses_with(out)
     erase_dead(gm.graph, [node])
     return out

@@ -380,14 +380,7 @@ def _candidates(problem: Problem, q: Any, k: Any, v: Any, mask: Any, policy: str
             name, q, k, v, mask, problem.causal, window=problem.window,
             dropout_p=problem.dropout_p, softcap=problem.softcap, mask_fill=problem.mask_fill,
             mask_grad=problem.mask_grad, source=problem.source)
-        if name == "flash" and problem.device == "cuda" and problem.facts.dtype == torch.float32:
-            # Measured on the H100 (benchmarks/RESULTS.md): fp32 dv misses the error-ratio rule.
-            reasons.append("float32 on CUDA misses FlashAttention's accuracy rule for dv")
-        if (name == "sdpa_flash" and problem.device == "cpu" and problem.facts.training
-                and problem.facts.dtype == torch.float32):
-            # Measured in tests: its fp32 GQA gradients miss the rule (3.3x eager's error).
-            reasons.append("float32 gradients of PyTorch's CPU flash kernel miss "
-                           "FlashAttention's accuracy rule")
+        reasons += registry.accuracy_misses(name, q, problem.facts.training)
         if kernel.profile.materializes and problem.device == "cuda":
             need = problem.facts.b * problem.facts.hq * problem.facts.nq * problem.facts.nk * 4
             total = torch.cuda.get_device_properties(torch.device(problem.device)).total_memory
@@ -491,7 +484,30 @@ def _preload(entry: dict) -> None:
             pass
 
 
+# Exact-shape memory for eager calls (attnfuse.attention), whose per-call cost must stay small:
+# building a Problem and its key costs more than a small attention call. Bounded: a decode loop
+# sees a new KV length every step.
+_EAGER: dict[tuple, str] = {}
+_EAGER_MAX = 4096
+
+
+def choose_eager(fast_key: tuple, problem: Callable[[], Problem], q: Any, k: Any, v: Any,
+                 mask: Any) -> str:
+    """The kernel name for an eager call, remembered under ``fast_key`` (an exact description
+    of the call); raises ValueError when no kernel can run it."""
+    name = _EAGER.get(fast_key)
+    if name is None:
+        choice = choose(problem(), q, k, v, mask)
+        if not choice.kernel:
+            raise ValueError(choice.reason)
+        if len(_EAGER) >= _EAGER_MAX:
+            _EAGER.clear()
+        name = _EAGER[fast_key] = choice.kernel
+    return name
+
+
 def forget() -> None:
     """Drop this process's memory of choices (the disk cache is ``attnfuse.cache.clear()``)."""
     with _MEMO_LOCK:
         _MEMO.clear()
+        _EAGER.clear()
