@@ -239,7 +239,7 @@ def _key_padding(lengths, nk):
 
 
 def _rows_bcast(mask, q):
-    return flash._mask_args(mask, q)[2]["MASK_ROWS_BCAST"]
+    return flash._mask_args(mask, q, float("-inf"))[2]["MASK_ROWS_BCAST"]
 
 
 def check_empty_batch(out, lse, grads, b):
@@ -273,6 +273,48 @@ def test_key_padding_bool(fill, dtype, causal, d):
         uniform = v[1].float().mean(1, keepdim=True).expand(2, 17, d)
         if causal == "none":
             torch.testing.assert_close(out[1].float(), uniform, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_key_padding_trims_key_tiles(kind):
+    """Left and right padding, holes, a row with one kept key, per batch and per head: the key
+    loops run only between the first and last kept key (TRIM_KEYS), and the results are the
+    reference's. A finite bool fill is not trimmed (a fully masked row averages its keys)."""
+    gen = _gen("trim_keys", kind)
+    nk = 70
+    q, k, v = _qkv(gen, b=3, hq=2, hkv=1, nq=37, nk=nk, d=40, dtype=torch.bfloat16)
+    keep = torch.zeros(3, 2, 1, nk, dtype=torch.bool)
+    keep[0, :, :, 20:55] = True                      # left and right padding
+    keep[0, 1, :, 30:33] = False                     # a hole in one head
+    keep[1, 0, :, 69] = True                         # the last key only
+    keep[1, 1, :, :3] = True                         # the first keys only
+    keep[2, :, :, 5:6] = True                        # one key, both heads
+    keep = keep.to(DEVICE)
+    mask = keep if kind == "bool" else torch.zeros(keep.shape, device=DEVICE).masked_fill(
+        ~keep, NEG_INF)
+    assert flash._mask_args(mask, q, NEG_INF)[2]["TRIM_KEYS"]
+    for causal in ("none", "bottom_right"):
+        check(gen, q, k, v, mask, causal=causal)
+    if kind == "bool":
+        assert not flash._mask_args(mask, q, -1e4)[2]["TRIM_KEYS"]
+        check(gen, q, k, v, mask, mask_fill=-1e4)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="tile size 16 is the interpreter's")
+def test_key_padding_skips_padded_tiles():
+    """Key tiles wholly outside the kept range are never read: NaN keys and values there leave
+    out, dq finite and dk, dv of those keys 0 (a read would spread the NaN, as 0·NaN = NaN)."""
+    gen = _gen("skips_padded_tiles")
+    q, k, v = _qkv(gen, b=1, hq=2, hkv=2, nq=20, nk=80, d=32)
+    keep = torch.zeros(1, 1, 1, 80, dtype=torch.bool, device=DEVICE)
+    keep[..., 20:45] = True                          # tiles [16, 48) are visited
+    clean_out, _ = flash_forward(q, k, v, keep)
+    k[:, :, :16], v[:, :, :16], k[:, :, 48:], v[:, :, 48:] = (float("nan"),) * 4
+    out, lse = flash_forward(q, k, v, keep)
+    torch.testing.assert_close(out, clean_out, atol=0, rtol=0)
+    dq, dk, dv, _ = flash_backward(torch.ones_like(out), q, k, v, keep, out, lse)
+    assert dq.isfinite().all() and dk[:, :, 16:48].isfinite().all()
+    assert (dk[:, :, :16] == 0).all() and (dv[:, :, 48:] == 0).all()
 
 
 def test_key_padding_finite_fill_bf16_min():

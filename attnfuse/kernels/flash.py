@@ -27,7 +27,9 @@ Legend (the symbols of ``reference.py``; every tile comment uses them)::
 Tiles. For one query block the key tiles split into *full* tiles, every (row, key) pair inside
 the band and in bounds, which run with no masking arithmetic at all, and *edge* tiles (the band's
 diagonals, the ragged last tile), which are masked; the same split over query tiles serves the
-dK/dV kernel. Tiles wholly outside the band are never visited (causal and sliding-window skip).
+dK/dV kernel. Tiles wholly outside the band are never visited (causal and sliding-window skip),
+nor, with a row-broadcast mask whose dropped keys score -inf (key padding), tiles before its
+first or after its last kept key (TRIM_KEYS: the padded tail of each sequence costs nothing).
 
 Kernels: ``_fwd_kernel`` (grid: query blocks x Hq x B, longest causal blocks first),
 ``_bwd_preprocess`` (δ), ``_bwd_dkdv_kernel`` (a K/V block stays put, loops over the G query
@@ -141,6 +143,26 @@ def _mask_row(Mask, start_n, smn, NK, CHECK: tl.constexpr, MASK_KIND: tl.constex
 
 
 @triton.jit
+def _kept_range(Mask, smn, NK, MASK_KIND: tl.constexpr, BLOCK: tl.constexpr):
+    """[first, last + 1) of the keys a row-broadcast mask keeps (bool True, additive > -inf)
+    in one head's mask row; (Nk, 0) when it keeps none. TRIM_KEYS bounds the key loop by it: a
+    key outside adds exp2(-inf) = 0 to every row, so skipping its tile changes nothing (the
+    host sets TRIM_KEYS only when a masked key's score is -inf, not a finite fill)."""
+    first = NK
+    last = NK * 0 - 1
+    for start in range(0, NK, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        inside = idx < NK
+        if MASK_KIND == _BOOL_MASK:
+            kept = tl.load(Mask + idx * smn, mask=inside, other=0) != 0
+        else:
+            kept = tl.load(Mask + idx * smn, mask=inside, other=float("-inf")) != float("-inf")
+        first = tl.minimum(first, tl.min(tl.where(kept, idx, NK), 0))
+        last = tl.maximum(last, tl.max(tl.where(kept, idx, -1), 0))
+    return first, last + 1
+
+
+@triton.jit
 def _masked_scores2(y, c, mrow, rows, cols, Mask, smm, smn, NQ, NK, fill2,
                     MASK_KIND: tl.constexpr, MASK_ROWS_BCAST: tl.constexpr):
     """Base-2 scores c·y (see ``_raw_scores``) under the user's mask. MASK_ROWS_BCAST: ``mrow``
@@ -234,11 +256,13 @@ def _split(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _key_tiles(start_m, NK, offset, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key tiles of the query block [start_m, start_m + BLOCK_M): see ``_split``."""
+def _key_tiles(start_m, NK, offset, left, right, klo, khi, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Key tiles of the query block [start_m, start_m + BLOCK_M): see ``_split``; only keys in
+    [klo, khi) (the mask's kept range, ``_kept_range``; else 0, Nk) are visited."""
     last = start_m + BLOCK_M - 1
-    lo = tl.maximum(start_m + offset - left, 0)  # some row of the block sees keys from here
-    hi = tl.minimum(last + offset + right + 1, NK)
+    lo = tl.maximum(tl.maximum(start_m + offset - left, 0), klo)  # some row sees keys from here
+    hi = tl.minimum(tl.minimum(last + offset + right + 1, NK), khi)
     full_lo = tl.maximum(last + offset - left, 0)  # every row sees keys [full_lo, full_hi)
     full_hi = tl.minimum(start_m + offset + right + 1, NK)
     return _split(lo, hi, full_lo, full_hi, BLOCK_N)
@@ -355,7 +379,8 @@ def _fwd_kernel(Q, K, V, Mask, Out, Lse, Seed, desc_q, desc_k, desc_v, desc_o,
                 HQ, GROUP, NQ, NK, scale, fill2, offset, left, right, softcap, drop_p, keep_scale,
                 NQ_BUCKET, NK_BUCKET, BANDED, DESC_OK,
                 D: tl.constexpr, DV: tl.constexpr, MASK_KIND: tl.constexpr,
-                MASK_ROWS_BCAST: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+                MASK_ROWS_BCAST: tl.constexpr, TRIM_KEYS: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
                 FOLD_SCALE: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr,
                 USE_DESC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -385,7 +410,10 @@ def _fwd_kernel(Q, K, V, Mask, Out, Lse, Seed, desc_q, desc_k, desc_v, desc_o,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    t0, f0, f1, t1 = _key_tiles(start_m, NK, offset, left, right, BLOCK_M, BLOCK_N)
+    klo, khi = 0, NK
+    if TRIM_KEYS:  # e.g. key padding: no tile past the last kept key (or before the first)
+        klo, khi = _kept_range(Mask, smn, NK, MASK_KIND, 1024)
+    t0, f0, f1, t1 = _key_tiles(start_m, NK, offset, left, right, klo, khi, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, desc_k, desc_v, Mask, seed, bh, b32, hk32,
                                offs_m, f0, f1, skn, svn, smm, smn, NQ, NK, scale, fill2, offset,
                                left, right, softcap, drop_p, False, MASK_KIND, MASK_ROWS_BCAST,
@@ -491,8 +519,8 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, DO, Lse, Delta, DK, DV_, Seed,
                      HQ, GROUP, NQ, NK, scale, fill2, offset, left, right, softcap, drop_p,
                      keep_scale, NQ_BUCKET, NK_BUCKET, BANDED,
                      D: tl.constexpr, DV: tl.constexpr, MASK_KIND: tl.constexpr,
-                     MASK_ROWS_BCAST: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                     DROPOUT: tl.constexpr, PREC: tl.constexpr,
+                     MASK_ROWS_BCAST: tl.constexpr, TRIM_KEYS: tl.constexpr,
+                     HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
                      EMU_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """dk, dv for one key block of one kv head, summed over its G query heads (no atomics)."""
@@ -518,24 +546,34 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, DO, Lse, Delta, DK, DV_, Seed,
         Lseh = Lse + b * slb + h * slh
         Deltah = Delta + (b * HQ + h) * NQ
         Maskh = Mask + b * smb + h * smh
+        g0, g1, g2, g3 = t0, f0, f1, t1
         if MASK_ROWS_BCAST:  # this head's mask row over the key block, once for every query tile
-            mrow = _mask_row(Maskh, start_n, smn, NK, True, MASK_KIND,
-                             BLOCK_N)[:, None]  # [BLOCK_N, 1]
+            mrow = _mask_row(Maskh, start_n, smn, NK, True, MASK_KIND, BLOCK_N)  # [BLOCK_N]
+            if TRIM_KEYS:  # a block of keys the mask drops wholly: zero gradients, no work
+                if MASK_KIND == _BOOL_MASK:
+                    kept = mrow
+                else:
+                    kept = mrow != float("-inf")
+                live = tl.max((kept & (offs_n < NK)).to(tl.int32), 0) > 0
+                g1 = tl.where(live, f0, t0)
+                g2 = tl.where(live, f1, t0)
+                g3 = tl.where(live, t1, t0)
+            mrow = mrow[:, None]  # [BLOCK_N, 1]
         else:
             mrow = 0
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, Lseh, Deltah, Maskh, mrow, seed, bh, offs_n,
-                             f0, f1, sqm, sdm, slm, smm, smn, NQ, NK, scale, fill2, offset, left,
-                             right, softcap, drop_p, keep_scale, False, MASK_KIND,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, Lseh, Deltah, Maskh, mrow, seed, bh,
+                             offs_n, g1, g2, sqm, sdm, slm, smm, smn, NQ, NK, scale, fill2,
+                             offset, left, right, softcap, drop_p, keep_scale, False, MASK_KIND,
                              MASK_ROWS_BCAST, DROPOUT, PREC, EMU_BF16, HAS_SOFTCAP, BLOCK_M, D,
                              DV, BLOCK_D, BLOCK_DV)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, Lseh, Deltah, Maskh, mrow, seed, bh, offs_n,
-                             t0, f0, sqm, sdm, slm, smm, smn, NQ, NK, scale, fill2, offset, left,
-                             right, softcap, drop_p, keep_scale, True, MASK_KIND,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, Lseh, Deltah, Maskh, mrow, seed, bh,
+                             offs_n, g0, g1, sqm, sdm, slm, smm, smn, NQ, NK, scale, fill2,
+                             offset, left, right, softcap, drop_p, keep_scale, True, MASK_KIND,
                              MASK_ROWS_BCAST, DROPOUT, PREC, EMU_BF16, HAS_SOFTCAP, BLOCK_M, D,
                              DV, BLOCK_D, BLOCK_DV)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, Lseh, Deltah, Maskh, mrow, seed, bh, offs_n,
-                             f1, t1, sqm, sdm, slm, smm, smn, NQ, NK, scale, fill2, offset, left,
-                             right, softcap, drop_p, keep_scale, True, MASK_KIND,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, Lseh, Deltah, Maskh, mrow, seed, bh,
+                             offs_n, g2, g3, sqm, sdm, slm, smm, smn, NQ, NK, scale, fill2,
+                             offset, left, right, softcap, drop_p, keep_scale, True, MASK_KIND,
                              MASK_ROWS_BCAST, DROPOUT, PREC, EMU_BF16, HAS_SOFTCAP, BLOCK_M, D,
                              DV, BLOCK_D, BLOCK_DV)
     dk = dk * scale
@@ -604,8 +642,8 @@ def _bwd_dq_kernel(Q, K, V, Mask, DO, Lse, Delta, DQ, DS, Seed,
                    HQ, GROUP, NQ, NK, scale, fill2, offset, left, right, softcap, drop_p,
                    keep_scale, NQ_BUCKET, NK_BUCKET, BANDED,
                    D: tl.constexpr, DV: tl.constexpr, MASK_KIND: tl.constexpr,
-                   MASK_ROWS_BCAST: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                   DROPOUT: tl.constexpr, PREC: tl.constexpr,
+                   MASK_ROWS_BCAST: tl.constexpr, TRIM_KEYS: tl.constexpr,
+                   HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
                    EMU_BF16: tl.constexpr, WRITE_DS: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """dq for one query block of one query head; with WRITE_DS also dS into an fp32 buffer."""
@@ -630,7 +668,10 @@ def _bwd_dq_kernel(Q, K, V, Mask, DO, Lse, Delta, DQ, DS, Seed,
     Mask += b * smb + h * smh
     DS += b * sdsb + h * sdsh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    t0, f0, f1, t1 = _key_tiles(start_m, NK, offset, left, right, BLOCK_M, BLOCK_N)
+    klo, khi = 0, NK
+    if TRIM_KEYS:
+        klo, khi = _kept_range(Mask, smn, NK, MASK_KIND, 1024)
+    t0, f0, f1, t1 = _key_tiles(start_m, NK, offset, left, right, klo, khi, BLOCK_M, BLOCK_N)
     dq = _dq_tiles(dq, q, do, lse2, delta, K, V, Mask, DS, seed, bh, offs_m, f0, f1,
                    skn, svn, smm, smn, sdsm, NQ, NK, scale, fill2, offset, left, right, softcap,
                    drop_p, keep_scale, False, MASK_KIND, MASK_ROWS_BCAST, DROPOUT, PREC,
@@ -898,17 +939,23 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
         raise ValueError("flash attention cannot run these inputs: " + "; ".join(reasons))
 
 
-def _mask_args(mask: Optional[torch.Tensor], dummy: torch.Tensor
+def _mask_args(mask: Optional[torch.Tensor], dummy: torch.Tensor, mask_fill: float
                ) -> tuple[torch.Tensor, tuple[int, int, int, int], dict]:
     """(tensor to read, strides with 0 on broadcast dims, the mask's constexpr flags); bool is
     read as uint8. MASK_ROWS_BCAST: query-row stride 0 (key padding [B,1,1,Nk], biases
     [B,H,1,Nk] / [1,1,1,Nk], expanded views, Nq = 1): the kernels read one mask row per key tile
-    as a vector instead of a [BLOCK_M, BLOCK_N] tile."""
+    as a vector instead of a [BLOCK_M, BLOCK_N] tile. TRIM_KEYS: such a row whose dropped keys
+    score -inf (additive -inf, or a bool mask with fill -inf) also bounds the key loops by its
+    first and last kept key, so padded tails cost nothing. With a finite fill a fully masked row
+    still averages its masked keys (the eager model's result), so nothing is trimmed."""
     if mask is None:
-        return dummy, (0, 0, 0, 0), dict(MASK_KIND=_NO_MASK.value, MASK_ROWS_BCAST=False)
+        return dummy, (0, 0, 0, 0), dict(MASK_KIND=_NO_MASK.value, MASK_ROWS_BCAST=False,
+                                         TRIM_KEYS=False)
     strides = tuple(0 if n == 1 else s for n, s in zip(mask.shape, mask.stride()))
-    flags = dict(MASK_ROWS_BCAST=strides[2] == 0)
+    rows_bcast = strides[2] == 0
+    flags = dict(MASK_ROWS_BCAST=rows_bcast, TRIM_KEYS=rows_bcast)
     if mask.dtype == torch.bool:
+        flags["TRIM_KEYS"] = rows_bcast and _fill2(mask_fill) == float("-inf")
         return mask.view(torch.uint8), strides, dict(flags, MASK_KIND=_BOOL_MASK.value)
     return mask, strides, dict(flags, MASK_KIND=_ADD_MASK.value)
 
@@ -1012,7 +1059,7 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lse = torch.empty((b, hq, nq), dtype=torch.float32, device=q.device)
     if lse.numel() == 0:
         return out, lse
-    m, m_strides, mask_flags = _mask_args(mask, q)
+    m, m_strides, mask_flags = _mask_args(mask, q, mask_fill)
     common = _common(q, k, scale, causal, mask_fill, softcap, window, dropout_p)
     descs, desc_ok = _descriptors(q, k, v, out)
 
@@ -1038,7 +1085,8 @@ def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     """dq, dk, dv (same dtype/shape as q, k, v; contiguous), dmask shaped like mask (only when
     mask_grad, else None). ``lse`` is the forward's (natural log); ``out``/``dout`` any strides.
     ``softcap``, ``window``, ``dropout_p`` and ``seed`` must be the forward's; dmask is the
-    gradient of the capped scores. Deterministic: no atomics anywhere."""
+    gradient of the capped scores. Deterministic: no atomics anywhere (an atomic-dq schedule,
+    five matmuls per tile pair instead of seven, measured slower on the H100: RESULTS.md)."""
     softcap, window = check_softcap(softcap), check_window(window)
     dropout_p = check_dropout(dropout_p)
     check_seed(seed, dropout_p, q.device)
@@ -1060,7 +1108,7 @@ def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         for t in (dq, dk, dv):
             t.zero_()
     else:
-        m, m_strides, mask_flags = _mask_args(mask, q)
+        m, m_strides, mask_flags = _mask_args(mask, q, mask_fill)
         common = dict(_common(q, k, scale, causal, mask_fill, softcap, window, dropout_p),
                       DV=dv_dim, BLOCK_DV=_block(dv_dim), **mask_flags)
         delta = torch.empty((b, hq, nq), dtype=torch.float32, device=q.device)
@@ -1076,9 +1124,9 @@ def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
             return (triton.cdiv(nk, meta["BLOCK_N"]), hkv, b)
 
         with _device_ctx(q):
-            _bwd_preprocess[grid_q](out, dout, delta, *out.stride()[:3], *dout.stride()[:3], nq,
-                                    dv_dim, BLOCK_M=_PREPROCESS_BLOCK_M,
-                                    BLOCK_DV=common["BLOCK_DV"])
+            _bwd_preprocess[(triton.cdiv(nq, _PREPROCESS_BLOCK_M), hq, b)](
+                out, dout, delta, *out.stride()[:3], *dout.stride()[:3], nq, dv_dim,
+                BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_DV=common["BLOCK_DV"])
             _launch("dkdv", _dkdv, grid_k,
                     (q, k, v, m, dout, lse, delta, dk, dv, seed_arg, *shared, *dk.stride()[:3],
                      *dv.stride()[:3]), common)
