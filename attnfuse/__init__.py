@@ -8,10 +8,14 @@ Doors::
     attnfuse.cache.clear()                                   # forget tuned choices ($ATTNFUSE_CACHE_DIR)
     out = attnfuse.attention(q, k, v, attn_mask, dropout_p, is_causal)  # drop-in for SDPA
     out = attnfuse.attention(q, k, v, is_causal=True, window=(4095, 0))  # + sliding windows
+    attnfuse.register_hf()                                   # attn_implementation="attnfuse"
+    with attnfuse.sdpa_override(): out = model(x)            # eager F.scaled_dot_product_attention
+    with attnfuse.inductor_pass(): torch.compile(model)(x)   # backend="inductor" kept
 """
 from __future__ import annotations
 
 from .backend import Options, attnfuse_backend, explain, last_report, optimize
+from .integrations import inductor_pass, register_hf, sdpa_override
 from .ops import attention
 from .report import Candidate, Report, Site
 from .tune import cache
@@ -22,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = ["attention", "optimize", "explain", "last_report", "attnfuse_backend", "Options",
            "Report", "Site", "Candidate", "AttentionSpec", "MaskSpec", "Reject", "cache",
            "__version__"]
+__all__ += ["register_hf", "sdpa_override", "inductor_pass"]
 
 
 def _maybe_register() -> None:

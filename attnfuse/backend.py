@@ -22,7 +22,8 @@ from . import ops  # noqa: F401  (registers torch.ops.attnfuse.*)
 from .kernels import registry
 from .passes import canonicalize as C
 from .passes import lower
-from .passes.match import Context, match_softmax, module_path, softmax_nodes, source_location, spec_of
+from .passes.match import (Context, match_softmax, module_path, scalar_name, softmax_nodes,
+                            source_location, spec_of)
 from .passes.rewrite import leaves, operand_metas, operand_values, rewrite_sdpa, rewrite_site
 from .passes.values import capture
 from .report import GraphSnapshot, Report, Site
@@ -31,7 +32,7 @@ from .tune.select import Choice, Gate, Problem, accuracy, choose
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("exact", "fast")
+POLICIES = ("exact", "fast", "sparse")
 INNER = ("inductor", "eager")
 
 
@@ -65,11 +66,20 @@ class Options:
     within floating-point error; ``"fast"`` also quantized kernels (``sage``: INT8 Q·Kᵀ, FP8 or
     FP16 P·V), each admitted per site only if, on the site's own activations (the example
     inputs run through the model), its output keeps ``min_cosine`` and ``max_rel_l1`` against
-    the exact one; never for a site that needs gradients."""
+    the exact one; never for a site that needs gradients; ``"sparse"`` also the block-sparse
+    kernel, with its mass threshold τ tuned per site to the sparsest whose output stays within
+    ``sparse_max_rel_l1`` of the exact one on the site's activations (inference sites only;
+    ``tune/sparse_gate.py``)."""
     min_cosine: float = 0.999
     """``policy="fast"``: least cosine similarity of a quantized site's output to the exact one."""
     max_rel_l1: float = 0.03
     """``policy="fast"``: largest relative L1 error, Σ|o' − o| / Σ|o|, of a quantized site."""
+    sparse_max_rel_l1: float = 0.05
+    """``policy="sparse"``: largest relative L1 error of a block-sparse site's output against the
+    exact attention on its example activations; a site that cannot meet it stays dense."""
+    sparse_reuse: int = 1
+    """``policy="sparse"``: a site re-estimates its block mask every ``sparse_reuse`` calls, and
+    sooner when its pooled Q/K drift (diffusion steps); 1 = every call."""
     inner: str = "inductor"
     """The compiler for the rest of the graph: ``"inductor"`` or ``"eager"`` (for debugging)."""
     kernel: Optional[str] = None
@@ -92,6 +102,10 @@ class Options:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if self.inner not in INNER:
             raise ValueError(f"inner must be one of {INNER}, got {self.inner!r}")
+        if not self.sparse_max_rel_l1 >= 0.0 or not (isinstance(self.sparse_reuse, int)
+                                                     and self.sparse_reuse >= 1):
+            raise ValueError(f"sparse_max_rel_l1 must be >= 0 and sparse_reuse an int >= 1, got "
+                             f"{self.sparse_max_rel_l1!r} and {self.sparse_reuse!r}")
         if not (0.0 < self.min_cosine <= 1.0) or not self.max_rel_l1 >= 0.0:
             raise ValueError(f"min_cosine must be in (0, 1] and max_rel_l1 >= 0, got "
                              f"{self.min_cosine!r} and {self.max_rel_l1!r}")
@@ -137,10 +151,14 @@ def _choose(q: Any, k: Any, v: Any, mask: Any, causal: str, opts: Options, *,
             opts.kernel, "forced", cache="forced")
     problem = Problem.of(q, k, v, m4, causal, training=training, scale=scale, **kw)
     gate = None
-    if values is not None:
+    if values is not None and opts.policy == "fast":
         gate = Gate(functools.partial(_measure, values, problem), opts.min_cosine,
                     opts.max_rel_l1)
     choice = choose(problem, q, k, v, m4, policy=opts.policy, tune=opts.tune, gate=gate)
+    if opts.policy == "sparse":
+        from .tune.sparse_gate import site_choice
+        choice = site_choice(choice, problem, q, k, v, m4, values, tune=opts.tune,
+                             max_rel_l1=opts.sparse_max_rel_l1, every=opts.sparse_reuse)
     rejected = {c.kernel: c.reasons for c in choice.candidates if c.reasons}
     if not choice.kernel:
         return None, choice.reason, rejected, choice
@@ -178,8 +196,8 @@ def _eager_site(gm: GraphModule, sm: Node, ctx: Context, opts: Options, gi: int,
     if captured is not None and all(n in captured for n in leaves(m)):
         values = lambda: operand_values(m, captured)[:4]  # noqa: E731
     name, why, rejected, choice = _choose(qm, km, vm, mask_meta, m.causal, opts,
-                                          window=tuple(m.window), softcap=float(m.softcap),
-                                          mask_fill=fill, scale=float(m.scale), values=values)
+                                          window=tuple(m.window), softcap=spec.softcap,
+                                          mask_fill=fill, scale=spec.scale, values=values)
     if name is None:
         return _site(gi, "eager_softmax", None, why, spec, loc, mod, rejected, choice)
     rewrite_site(gm, m, name, f"attnfuse: {spec.describe()} -> {name}")
@@ -216,13 +234,17 @@ def _sdpa_site(gm: GraphModule, node: Node, opts: Options, gi: int,
                     location=loc, module_path=mod)
     d = qm.shape[-1]
     scale = a["scale"] if a["scale"] is not None else (1.0 / math.sqrt(d) if isinstance(d, int) else None)
-    if not isinstance(scale, (int, float)):
+    # A Python float of the graph (dynamic shapes: ``scale=self.scaling``) is passed on as is.
+    hint = C.scalar_hint(scale) if isinstance(scale, Node) else None
+    if not isinstance(scale, (int, float)) and hint is None:
         return Site(0, gi, "sdpa", "sdpa", "scale is symbolic: kept", location=loc, module_path=mod)
+    value = float(scale) if hint is None else hint
+    shown = f"{value:.6g}" + (f" (runtime {scalar_name(scale)})" if hint is not None else "")
     causal = "top_left" if a["is_causal"] else "none"
     kind = "none" if mm is None else ("bool" if mm.dtype == torch.bool else "additive")
     spec = AttentionSpec(
-        q=TensorInfo.of(qm), k=TensorInfo.of(km), v=TensorInfo.of(vm), scale=float(scale),
-        scale_expr=f"{float(scale):.6g}",
+        q=TensorInfo.of(qm), k=TensorInfo.of(km), v=TensorInfo.of(vm), scale=value,
+        scale_expr=shown,
         mask=MaskSpec(causal, kind, TensorInfo.of(mm) if mm is not None else None,
                       requires_grad=bool(mm is not None and mm.requires_grad)),
         gqa_groups=qm.shape[1] // km.shape[1] if isinstance(km.shape[1], int) and km.shape[1] else 1,
@@ -236,12 +258,12 @@ def _sdpa_site(gm: GraphModule, node: Node, opts: Options, gi: int,
     if captured is not None and all(n in captured for n in nodes):
         values = lambda: tuple(captured[x] if isinstance(x, Node) else x  # noqa: E731
                                for x in (q, k, v, mask))
-    name, why, rejected, choice = _choose(qm, km, vm, mm, causal, opts, scale=float(scale),
+    name, why, rejected, choice = _choose(qm, km, vm, mm, causal, opts, scale=value,
                                           source="sdpa", values=values)
     if name is None:
         return _site(gi, "sdpa", "sdpa", why + "; kept on PyTorch's SDPA", spec, loc, mod,
                      rejected, choice)
-    rewrite_sdpa(gm, node, q, k, v, mask, float(scale), causal, name,
+    rewrite_sdpa(gm, node, q, k, v, mask, scale if hint is not None else value, causal, name,
                  f"attnfuse: {spec.describe()} -> {name}")
     return _site(gi, "sdpa", name, why, spec, loc, mod, rejected, choice)
 
@@ -295,14 +317,14 @@ def _guarded(site_fn: Callable[..., Site], node: Node, *args: Any) -> Site:
 
 def _capture_for_gates(gm: GraphModule, example_inputs: Sequence[Any], ctx: Context,
                        opts: Options) -> Optional[dict]:
-    """Under ``policy="fast"``, the values of every site's operands on the example inputs (one
-    eager run of the graph, before any rewrite), for the accuracy gate; None otherwise or when
-    the inputs are not real tensors."""
-    if opts.policy != "fast" or not all(
+    """Under ``policy="fast"`` or ``"sparse"``, the values of every site's operands on the
+    example inputs (one eager run of the graph, before any rewrite), for the accuracy gates;
+    None otherwise or when the inputs are not real tensors."""
+    if opts.policy not in ("fast", "sparse") or not all(
             isinstance(x, (torch.Tensor, int, float, bool)) for x in example_inputs):
         return None
     device = next((x.device.type for x in example_inputs if isinstance(x, torch.Tensor)), "cpu")
-    if all(registry.get(n).exact for n in registry.candidates(device)):
+    if opts.policy == "fast" and all(registry.get(n).exact for n in registry.candidates(device)):
         return None
     nodes: list[Node] = []
     for sm in softmax_nodes(gm):
@@ -387,19 +409,28 @@ def make_backend(opts: Options, sink: Optional[Report] = None) -> Callable:
 
     def backend(gm: GraphModule, example_inputs: Sequence[Any]) -> Callable:
         report = rewrite_attention(gm, example_inputs, opts)
+        compiled = _inner_compile(gm, example_inputs, opts)
+        # Recorded only once the inner compiler accepted the graph: when it asks Dynamo to
+        # restart the frame's analysis (AOTAutograd specialising a Python float it could not
+        # turn into a tensor, e.g. one a fused op takes as its scale), this attempt is
+        # discarded and the next one is the frame's graph.
         if sink is not None:
             sink.extend(report)
         else:
             _REPORTS.append(report)
-        if opts.inner == "eager":
-            return gm.forward
-        from torch._inductor.compile_fx import compile_fx
-        patches = opts.inductor_config()
-        if patches:
-            return compile_fx(gm, example_inputs, config_patches=patches)
-        return compile_fx(gm, example_inputs)
+        return compiled
 
     return backend
+
+
+def _inner_compile(gm: GraphModule, example_inputs: Sequence[Any], opts: Options) -> Callable:
+    if opts.inner == "eager":
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+    patches = opts.inductor_config()
+    if patches:
+        return compile_fx(gm, example_inputs, config_patches=patches)
+    return compile_fx(gm, example_inputs)
 
 
 def attnfuse_backend(gm: GraphModule, example_inputs: Sequence[Any], *,
@@ -429,7 +460,8 @@ def optimize(model: torch.nn.Module, example_inputs: Any = None, *, policy: str 
              inner: str = "inductor", kernel: Optional[str] = None, dynamic: Optional[bool] = None,
              keep_sdpa: bool = False, mode: Optional[str] = None,
              tune: Optional[bool] = None, min_cosine: float = 0.999,
-             max_rel_l1: float = 0.03) -> torch.nn.Module:
+             max_rel_l1: float = 0.03, sparse_max_rel_l1: float = 0.05,
+             sparse_reuse: int = 1) -> torch.nn.Module:
     """Return a module computing what ``model`` computes, with its attention fused.
 
     With ``example_inputs`` (a tensor, a tuple of positional args, or a dict of keyword args) the
@@ -438,13 +470,16 @@ def optimize(model: torch.nn.Module, example_inputs: Any = None, *, policy: str 
     ``"max-autotune"``, ...), as in ``torch.compile(mode=...)``. ``tune``: time candidate
     kernels on each site's shapes (default: on CUDA); ``policy="fast"`` with ``min_cosine`` /
     ``max_rel_l1``: quantized kernels where they keep that accuracy on the site's activations
-    (measured on ``example_inputs``, so pass them); see :class:`Options`.
+    (measured on ``example_inputs``, so pass them); ``policy="sparse"`` with
+    ``sparse_max_rel_l1`` / ``sparse_reuse``: block-sparse attention within that error, τ tuned
+    per site on the same activations; see :class:`Options`.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}; "
                         f"for a function use torch.compile(fn, backend='attnfuse')")
     opts = Options(policy=policy, inner=inner, kernel=kernel, keep_sdpa=keep_sdpa, mode=mode,
-                   tune=tune, min_cosine=min_cosine, max_rel_l1=max_rel_l1)
+                   tune=tune, min_cosine=min_cosine, max_rel_l1=max_rel_l1,
+                   sparse_max_rel_l1=sparse_max_rel_l1, sparse_reuse=sparse_reuse)
     report = Report()
     compiled = torch.compile(model, backend=make_backend(opts, report), dynamic=dynamic)
     compiled.attnfuse_report = report
@@ -457,11 +492,12 @@ def optimize(model: torch.nn.Module, example_inputs: Any = None, *, policy: str 
 def explain(model: torch.nn.Module, example_inputs: Any, *, policy: str = "exact",
             kernel: Optional[str] = None, keep_sdpa: bool = False,
             tune: Optional[bool] = None, min_cosine: float = 0.999,
-            max_rel_l1: float = 0.03) -> Report:
+            max_rel_l1: float = 0.03, sparse_max_rel_l1: float = 0.05) -> Report:
     """Capture ``model`` on ``example_inputs`` and report every attention site and decision.
 
     Runs the model once (without gradients); the rest of the graph runs eagerly.
     """
     fast = optimize(model, example_inputs, policy=policy, inner="eager", kernel=kernel,
-                    keep_sdpa=keep_sdpa, tune=tune, min_cosine=min_cosine, max_rel_l1=max_rel_l1)
+                    keep_sdpa=keep_sdpa, tune=tune, min_cosine=min_cosine, max_rel_l1=max_rel_l1,
+                    sparse_max_rel_l1=sparse_max_rel_l1)
     return fast.attnfuse_report

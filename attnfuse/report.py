@@ -49,7 +49,7 @@ class Candidate:
     measured_ms: Optional[float] = None   # autotuner timing on the site's shapes; None = not timed
     reasons: list[str] = field(default_factory=list)  # why it cannot run the site; empty = eligible
     config: dict = field(default_factory=dict)        # the kernel's own tuned config, if any
-    accuracy: dict = field(default_factory=dict)      # a quantized kernel's measured gate numbers
+    accuracy: dict = field(default_factory=dict)      # measured gate numbers (quantized, sparse)
 
     @property
     def eligible(self) -> bool:
@@ -252,8 +252,11 @@ def _candidate_text(c: Candidate, chosen: bool) -> str:
             text += f" (pred {_ms(c.predicted_ms)})"
     elif c.predicted_ms is not None:
         text += f" pred {_ms(c.predicted_ms)} ms"
-    if c.accuracy:  # a quantized kernel admitted by the gate: what it measured
-        text += f" [cos {c.accuracy['cosine']:.5f}, rel L1 {c.accuracy['rel_l1']:.4f}]"
+    if c.accuracy:  # a kernel admitted by an accuracy gate: what it measured
+        text += f" [cos {c.accuracy['cosine']:.5f}, rel L1 {c.accuracy['rel_l1']:.4f}"
+        if "density" in c.accuracy:  # block-sparse: the realised density at the tuned τ
+            text += f", density {c.accuracy['density']:.3f}, τ {c.accuracy['tau']:g}"
+        text += "]"
     return text + (" chosen" if chosen else "")
 
 

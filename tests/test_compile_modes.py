@@ -388,7 +388,7 @@ def test_llama_dynamic_default() -> None:
 
 
 def test_llama_dynamic_true_runs_once() -> None:
-    """Correct at every length from one graph, whether or not its sites fuse (see below)."""
+    """Correct at every length from one graph."""
     backend = _run_llama(True)
     assert backend.graphs == 1
     assert len(backend.report.sites) == 2, str(backend.report)
@@ -402,13 +402,12 @@ def test_llama_dynamic_true_specialized_floats_fuse() -> None:
     assert all(_symbolic(s) for s in backend.report.sites)
 
 
-@pytest.mark.xfail(reason="dynamic=True turns LlamaAttention.scaling (a Python float) into a "
-                   "graph input read by .item(); the matcher does not accept a SymFloat scale "
-                   "('unsupported score modification `mul`'), so the sites stay unfused",
-                   strict=False)
 def test_llama_dynamic_true_fuses() -> None:
+    """dynamic=True turns LlamaAttention.scaling (a Python float) into a graph input read by
+    .item(): the fused op takes it as its runtime scale."""
     backend = _run_llama(True, lengths=(11, 20))
     _assert_all_fused(backend.report, graphs=1)
+    assert all("runtime" in s.spec.scale_expr for s in backend.report.sites)
 
 
 # ----------------------------------------------------------------------------- determinism

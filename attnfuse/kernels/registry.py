@@ -19,9 +19,14 @@ pinned SDPA call, not an ``attnfuse::attention`` op. Each kernel carries its cos
 :class:`~attnfuse.tune.cost.Profile`; ``attnfuse/tune`` ranks the candidates with it, times the
 best few and remembers the winner. :func:`select` (the first supported op kernel in a fixed
 order) remains for ``kernel="auto"`` inside the op itself.
+
+A kernel with a ``configure`` hook takes parameters in its name: ``get("sparse:tau=0.9")`` is the
+block-sparse kernel configured by ``sparse_predict.SparseConfig``; the name travels through the
+rewritten graph like any other.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -51,6 +56,8 @@ class Kernel:
     profile: Profile = Profile(matmul=0.5, exp=0.3, bwd_matmul=0.4)
     runs: str = "op"                 # "op": inside attnfuse::attention; "sdpa": a pinned SDPA call
     auto: tuple[str, ...] = ("cuda", "cpu")  # device types where the selector may choose it
+    # Parametrised kernels: "name:params" is configure(params), a Kernel of its own.
+    configure: Optional[Callable[[str], "Kernel"]] = None
 
 
 def _needs(window: tuple[int, int], dropout_p: float, softcap: float = 0.0) -> list[str]:
@@ -151,6 +158,36 @@ def _sage_supports(sage: Any, pv: str, q: Any, k: Any, v: Any, mask: Any, causal
     return sage.supports(q, k, v, mask, causal, pv)
 
 
+def _sparse() -> dict[str, Kernel]:
+    """The block-sparse kernel (not exact: only under policy="sparse", after its τ gate).
+    ``"sparse"`` predicts its block mask with τ = 0.95; ``"sparse:tau=0.9,..."`` names a
+    configured one (``sparse_predict.SparseConfig``)."""
+    try:
+        from . import sparse_predict
+    except ImportError as e:  # triton missing
+        log.info("sparse kernel unavailable: %s", e)
+        return {}
+
+    def configure(params: str) -> Kernel:
+        config = sparse_predict.SparseConfig.parse(params)
+        # Priors: flash's efficiency on the visited blocks (the density scales the work) and
+        # three launches (pooling, selection, attention).
+        reuse = f", re-estimated every {config.every} calls" if config.every > 1 else ""
+        return Kernel(config.name(), False,
+                      functools.partial(sparse_predict.kernel_forward, config),
+                      functools.partial(sparse_predict.kernel_backward, config),
+                      sparse_predict.sparse.supports,
+                      f"Triton block-sparse attention, block mask predicted from pooled Q·Kᵀ "
+                      f"(τ={config.tau:g}{reuse})", frozenset({"window"}),
+                      Profile(matmul=0.55, exp=0.36, bwd_matmul=0.6, recompute=2, launches_fwd=3,
+                              launches_bwd=5, row_broadcast_mask=True, host_fwd_us=300,
+                              host_bwd_us=700),
+                      auto=())
+
+    return {"sparse": dataclasses.replace(configure(""), name="sparse",
+                                          configure=functools.lru_cache(maxsize=256)(configure))}
+
+
 # SDPA backends' priors, measured on an H100 (benchmarks/RESULTS.md): cuDNN ~610 TFLOP/s
 # forward and ~525 backward at D=128, FA2 ~341/300, memory-efficient ~172; the math backend
 # materialises scores.
@@ -187,6 +224,7 @@ def _build() -> dict[str, Kernel]:
     if fl is not None:
         kernels["flash"] = fl
     kernels.update(_sage())
+    kernels.update(_sparse())
     kernels.update(_sdpa_kernels())
     return kernels
 
@@ -234,7 +272,16 @@ def candidates(device_type: str) -> tuple[str, ...]:
     return tuple(n for n, k in KERNELS.items() if device_type in k.auto)
 
 
+def known(name: str) -> bool:
+    """Whether ``name`` is a registered kernel or a configured one (``"sparse:tau=0.9"``)."""
+    base, sep, _ = name.partition(":")
+    return name in KERNELS or bool(sep and base in KERNELS and KERNELS[base].configure)
+
+
 def get(name: str) -> Kernel:
+    base, sep, params = name.partition(":")
+    if name not in KERNELS and sep and base in KERNELS and KERNELS[base].configure is not None:
+        return KERNELS[base].configure(params)
     if name not in KERNELS:
         if name == "flash":
             raise ValueError("kernel='flash' needs triton (pip install triton); it is not importable here")
@@ -279,7 +326,7 @@ def select(q: Any, k: Any, v: Any, mask: Any, causal: str,
         order = (prefer, *[n for n in order if n != prefer])
     rejected: dict[str, list[str]] = {}
     for name in order:
-        if name not in KERNELS:
+        if not known(name):
             rejected[name] = ["not available in this installation (triton missing)"]
             continue
         reasons = rejections(name, q, k, v, mask, causal, window=window, dropout_p=dropout_p)

@@ -51,10 +51,12 @@ _CUDA_CHECKS = {
 
 def call(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, causal: bool,
          backend: str) -> Tensor:
-    """``F.scaled_dot_product_attention`` on exactly one backend (GQA when heads differ)."""
+    """``F.scaled_dot_product_attention`` on exactly one backend (GQA when heads differ; a
+    symbolic head count is settled here, as SDPA takes a plain bool)."""
+    gqa = bool(q.shape[1] != k.shape[1])
     with sdpa_kernel([BACKENDS[backend]]):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                              scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+                                              scale=scale, enable_gqa=gqa)
 
 
 def _torch_accepts(name: str, q: Any, k: Any, v: Any, mask: Any, causal: bool) -> bool:

@@ -15,6 +15,11 @@ Canonical forms:
   scale(x, c)               x * c, c * x, x / c, torch.mul/div, in-place forms, with c a Python
                             number, or a one-element tensor (``scale_by_tensor``; its value is
                             read by the matcher only if it is a compile-time constant)
+  runtime_scale(x, c)       x * c, x / c with c a Python scalar computed in the graph
+                            (``scale_by_scalar``): under dynamic shapes Dynamo passes a float
+                            module attribute (``self.scaling``) as a 0-dim tensor input read by
+                            ``.item()``, and ``1 / math.sqrt(q.size(-1))`` is an expression of a
+                            size; either is a ``SymFloat`` (or ``SymInt``) node
   cast(x, dtype)            x.float(), .half(), .bfloat16(), .to(dtype), .type(dtype), .type_as(y)
   identity(x)               dropout in eval mode or with p = 0, .contiguous(), .clone()
   tanh(x)                   torch.tanh, Tensor.tanh, F.tanh (soft-capping: c·tanh(s/c))
@@ -263,6 +268,41 @@ def scale_by_tensor(node: Node) -> Optional[Reading]:
     return None
 
 
+def scalar_hint(node: Any) -> Optional[float]:
+    """The example value of a Python scalar computed in the graph (a ``SymFloat``/``SymInt``
+    node), read without adding a guard; None when it has none (data-dependent) or is no scalar."""
+    v = meta(node)
+    if not isinstance(v, (torch.SymFloat, torch.SymInt)):
+        return None
+    try:
+        hint = v.node.hint if v.node.has_hint() else None
+        return None if hint is None else float(hint)
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def _symbolic_scalar(x: Any) -> bool:
+    return isinstance(x, Node) and isinstance(meta(x), (torch.SymFloat, torch.SymInt))
+
+
+def scale_by_scalar(node: Node) -> Optional[Reading]:
+    """``x * c`` / ``x / c`` with ``c`` a symbolic Python scalar: ``other`` is ``c``'s node,
+    ``sign`` -1 for ÷. Its value is known only at run time (see :func:`scalar_hint`)."""
+    if len(node.args) < 2 or node.kwargs.get("rounding_mode") is not None:
+        return None
+    a, b = node.args[0], node.args[1]
+    if not (isinstance(meta(a), torch.Tensor) or isinstance(meta(b), torch.Tensor)):
+        return None
+    if _is(node, *_MUL):
+        if _symbolic_scalar(b) and isinstance(a, Node):
+            return Reading("runtime_scale", "mul(runtime scalar)->scale", a, b)
+        if _symbolic_scalar(a) and isinstance(b, Node):
+            return Reading("runtime_scale", "mul(runtime scalar)->scale", b, a)
+    if _is(node, *_DIV) and _symbolic_scalar(b) and isinstance(a, Node):
+        return Reading("runtime_scale", "div(runtime scalar)->scale", a, b, sign=-1)
+    return None
+
+
 _CAST_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16,
                  "double": torch.float64}
 
@@ -457,3 +497,13 @@ def read(node: Any, *rules: Rule) -> Optional[Reading]:
 def is_sdpa(node: Node) -> bool:
     return node.op == "call_function" and node.target in (
         F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+
+
+def run_node(n: "torch.fx.Node", env: dict) -> Any:
+    """Execute one call node on the values of its inputs in ``env`` (no autograd)."""
+    args = torch.fx.node.map_arg(n.args, lambda a: env[a])
+    kwargs = torch.fx.node.map_arg(n.kwargs, lambda a: env[a])
+    with torch.no_grad():
+        if n.op == "call_method":
+            return getattr(args[0], n.target)(*args[1:], **kwargs)
+        return n.target(*args, **kwargs)

@@ -8,10 +8,18 @@ Soundness rules (a rewrite never changes what the model computes):
   * every intermediate between Q·Kᵀ and P·V has exactly one user (the next step);
   * the softmax runs over the key axis; dropout on the probabilities is inactive;
   * q, k, v share a dtype and batch/head dims, and P·V's result has q's dtype;
+  * the scale is a product of constants and, under dynamic shapes, of Python scalars computed
+    in the graph (``SymFloat``: Dynamo's unspecialised float attributes read by ``.item()``, or
+    expressions of sizes); such a scalar is passed to the op as its ``scale`` argument, so the
+    fused site computes with its value at run time (a soft-cap ``c·tanh(s/c)`` by such a
+    scalar likewise becomes the op's ``softcap``, as ``|c|``). It must not scale a mask (a
+    mask applied before it);
   * causality and sliding windows are recognised only from a constant mask (built from buffers,
     shapes and constants) whose values equal a band exactly at the graph's static shape:
     query i keeps key j iff i + off - left <= j <= i + off + right (off = 0 or Nk - Nq, each side
-    possibly unbounded). Such a mask becomes the op's ``causal``/``window`` arguments. A band
+    possibly unbounded). At symbolic sizes the mask must depend on sizes and constants only, and
+    be the same band at every size assignment tried (``sizes.py``). Such a mask becomes the op's
+    ``causal``/``window`` arguments. A band
     masked with -inf converts unless a finite masked_fill is applied after it (that fill would
     overwrite the -inf); a band masked with a huge finite value (finfo.min, -1e9, ...) converts
     only when it is the site's only mask and leaves no row fully masked, since only rows that
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
@@ -30,6 +39,7 @@ from torch.fx import GraphModule, Node
 
 from ..spec import AttentionSpec, MaskSpec, Reject, TensorInfo
 from . import canonicalize as C
+from .sizes import SizeEvaluator, free_symbols, substitute
 
 _MAX_CONST_EVAL_NUMEL = 1 << 24
 
@@ -85,6 +95,31 @@ class Match:
     out_ops: tuple[Step, ...] = ()  # from the op's [B, H, Nq, Dv] back to P·V's layout
     gqa_groups: int = 1
     window: tuple[int, int] = NO_WINDOW   # (left, right) band around the diagonal; -1 = unbounded
+    runtime: tuple[tuple[Node, int], ...] = ()  # scalars of the graph, each ** ±1, times ``scale``
+    softcap_runtime: tuple[tuple[Node, int], ...] = ()   # the same for the soft-cap (abs taken)
+
+    def scale_hint(self) -> float:
+        """The scale at the example's values (the runtime scalars at Dynamo's hints)."""
+        return float(self.scale) * _hint_product(self.runtime)
+
+    def softcap_hint(self) -> float:
+        return abs(self.softcap * _hint_product(self.softcap_runtime))
+
+
+def net_powers(factors: Sequence[tuple[Node, int]]) -> list[tuple[Node, int]]:
+    """Runtime factors with each scalar's exponents summed, those that cancel dropped (``c`` and
+    ``1/c`` around a soft-cap's tanh), in order of first appearance."""
+    total: dict[Node, int] = {}
+    for node, sign in factors:
+        total[node] = total.get(node, 0) + sign
+    return [(n, p) for n, p in total.items() if p]
+
+
+def _hint_product(factors: Sequence[tuple[Node, int]]) -> float:
+    value = 1.0
+    for node, power in net_powers(factors):
+        value = value * C.scalar_hint(node) ** power
+    return value
 
 
 class Context:
@@ -95,11 +130,40 @@ class Context:
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self._const: dict[Node, Optional[torch.Tensor]] = {}
+        self.sizes = SizeEvaluator(gm, example_inputs, self.order, self.placeholders, _is_state)
 
     def constant(self, node: Node) -> Optional[torch.Tensor]:
         if node not in self._const:
             self._const[node] = constant_value(node, self.gm, self.example_inputs, self)
         return self._const[node]
+
+    def mask_samples(self, nodes: Sequence[Node], nq: Any, nk: Any
+                     ) -> Optional[list[tuple[int, int, dict[Node, Optional[torch.Tensor]]]]]:
+        """``(Nq, Nk, {node: its value or None})`` at each size assignment the masks ``nodes``
+        must be read at: one, the graph's own sizes, when nothing is symbolic; at symbolic
+        sizes, each assignment :class:`~attnfuse.passes.sizes.SizeEvaluator` tries (a node
+        that is not a function of sizes and constants is None throughout). None when the
+        sizes cannot be substituted."""
+        fixed = {n: self.constant(n) for n in nodes}
+        subs = {n: self.sizes.subgraph(n) for n in nodes if fixed[n] is None}
+        symbolic = [n for n, sub in subs.items() if sub is not None and sub.symbols]
+        if _static(nq, nk) and not symbolic:
+            return [(nq, nk, fixed)]
+        symbols = free_symbols(nq, nk).union(*(subs[n].symbols for n in symbolic))
+        literals = set().union(*(subs[n].literals for n in symbolic))
+        envs = self.sizes.assignments(symbols, literals)
+        if envs is None:
+            return None
+        out = []
+        for env in envs:
+            a, b = substitute(nq, env), substitute(nk, env)
+            if a is None or b is None or a < 1 or b < 1:
+                return None
+            values = dict(fixed)
+            for n in symbolic:
+                values[n] = self.sizes.evaluate(n, env)
+            out.append((a, b, values))
+        return out
 
 
 def _is_meta_user(user: Node, node: Node) -> bool:
@@ -175,9 +239,17 @@ def _batch(node: Any) -> tuple:
     return tuple(C.meta(node).shape[:-2])
 
 
-def _backward_chain(start: Node, rules: list[str], ctx: Context, meta_users: list[Node]) -> Union[
-        tuple[Node, C.Reading, sympy.Expr, float, list[MaskTerm], list[Node]], Reject]:
-    """From the softmax input back to Q·Kᵀ: scales, masks, soft-capping, upcasts and views."""
+def _backward_chain(start: Node, rules: list[str], ctx: Context, meta_users: list[Node],
+                    runtime: list[tuple[Node, int]], cap_runtime: list[tuple[Node, int]]
+                    ) -> Union[tuple[Node, C.Reading, sympy.Expr, float, list[MaskTerm],
+                                     list[Node]], Reject]:
+    """From the softmax input back to Q·Kᵀ: scales, masks, soft-capping, upcasts and views.
+
+    Runtime scalar factors are appended to ``runtime`` (they multiply the returned factor);
+    those applied after a tanh soft-cap also to ``cap_runtime`` (they multiply the soft-cap).
+    The op computes ``|cap|·tanh(scale·s/|cap|)`` with ``cap`` the factor applied after the
+    tanh and ``scale`` all factors: for ``cap·tanh(inner·s)`` that is exact whatever ``cap``'s
+    sign, tanh being odd."""
     cur, factor, masks, chain, softcap = start, sympy.Integer(1), [], [], 0.0
     while True:
         users = _users(cur, meta_users)
@@ -185,10 +257,22 @@ def _backward_chain(start: Node, rules: list[str], ctx: Context, meta_users: lis
             return Reject(f"attention scores have {len(users)} users ({_describe_users(cur)}); "
                           f"fusing would drop the other use")
         r = C.read(cur, C.matmul, C.cast, C.identity, C.batch_view, C.scale, C.scale_by_tensor,
-                   C.tanh, C.add_mask, C.fill_mask)
+                   C.scale_by_scalar, C.tanh, C.add_mask, C.fill_mask)
         if r is None:
-            return Reject(f"unsupported score modification `{_op_name(cur)}` between Q·Kᵀ and "
-                          f"softmax; the site stays as written")
+            return Reject(_unsupported(cur))
+        if r.op == "runtime_scale":
+            why = runtime_scalar_reason(r.other)
+            if why:
+                return Reject(why)
+            rules.append(r.rule)
+            chain.append(cur)
+            runtime.append((r.other, r.sign))
+            cur = r.x
+            continue
+        if runtime and r.op in ("add_mask", "fill_mask"):
+            return Reject(f"a mask is applied before the runtime scalar `{runtime[-1][0].name}` "
+                          f"(a Python float of the graph) scales the scores; the fused op scales "
+                          f"only Q·Kᵀ, so the site stays as written")
         if r.op == "scale" and isinstance(r.other, Node):
             if r.sign > 0 and ctx.constant(r.other) is None and ctx.constant(r.x) is not None:
                 r = C.Reading("scale", r.rule, r.other, r.x)        # c * s with both 1-element
@@ -212,9 +296,11 @@ def _backward_chain(start: Node, rules: list[str], ctx: Context, meta_users: lis
         elif r.op == "tanh":
             if softcap:
                 return Reject("two tanh soft-caps on the scores; not fused")
-            if float(factor) <= 0:
-                return Reject("tanh soft-capping scaled by a non-positive factor; not fused")
-            softcap = float(factor)
+            cap = float(factor) * _hint_product(runtime)
+            if cap == 0 or not math.isfinite(cap):
+                return Reject(f"tanh soft-capping scaled by {cap}; not fused")
+            cap_runtime.extend(runtime)
+            softcap = abs(float(factor))        # c·tanh(x) = |c|·tanh(sign(c)·x)
         elif r.op in ("add_mask", "fill_mask") and softcap:
             return Reject("a mask applied inside the tanh soft-cap; the fused op applies masks "
                           "after the cap, so the site stays as written")
@@ -249,6 +335,32 @@ def _depends_on(node: Node, target: Node, limit: int = 10_000) -> bool:
     return False
 
 
+def _unsupported(node: Node) -> str:
+    """Why ``node`` (between Q·Kᵀ and the softmax, read by no rule) keeps the site unfused."""
+    if C._is(node, *C._MUL) or C._is(node, *C._DIV):
+        other = [a for a in node.args[:2] if isinstance(a, Node)
+                 and isinstance(C.meta(a), torch.Tensor) and C.meta(a).numel() != 1]
+        if len(other) == 2:
+            small = min(other, key=lambda a: C.meta(a).numel())
+            return (f"scores are {'multiplied' if C._is(node, *C._MUL) else 'divided'} by a "
+                    f"tensor (`{small.name}`, shape {tuple(C.meta(small).shape)}: e.g. a learned "
+                    f"per-head temperature), not by one scalar; that is a score modification the "
+                    f"fused op does not take, so the site stays as written")
+    return (f"unsupported score modification `{_op_name(node)}` between Q·Kᵀ and softmax; the "
+            f"site stays as written")
+
+
+def runtime_scalar_reason(node: Node) -> Optional[str]:
+    """None when ``node`` (a scalar computed in the graph) may be the op's runtime scale."""
+    hint = C.scalar_hint(node)
+    if hint is None:
+        return (f"scores are scaled by a data-dependent scalar (`{node.name}`); its value is "
+                f"unknown when compiling, so the site stays as written")
+    if hint == 0 or not math.isfinite(hint):
+        return f"scores are scaled by a runtime scalar (`{node.name}`) equal to {hint}; not fused"
+    return None
+
+
 def _tensor_factor(r: C.Reading, ctx: Context) -> Optional[sympy.Expr]:
     """The factor of a ``scale_by_tensor`` reading when its tensor is a nonzero constant."""
     value = ctx.constant(r.other)
@@ -259,12 +371,21 @@ def _tensor_factor(r: C.Reading, ctx: Context) -> Optional[sympy.Expr]:
 
 
 def _peel_scales(node: Node, factor: sympy.Expr, rules: list[str], dead: list[Node],
-                 ctx: Context) -> tuple[Node, sympy.Expr]:
-    """``q * c`` (used only here) reads as ``q`` with ``c`` folded into the scale."""
+                 ctx: Context, runtime: list[tuple[Node, int]]) -> tuple[Node, sympy.Expr]:
+    """``q * c`` (used only here) reads as ``q`` with ``c`` folded into the scale (a runtime
+    scalar ``c`` joins ``runtime``)."""
     while True:
-        r = C.read(node, C.scale, C.scale_by_tensor)
+        r = C.read(node, C.scale, C.scale_by_tensor, C.scale_by_scalar)
         if r is None or len(node.users) != 1:
             return node, factor
+        if r.op == "runtime_scale":
+            if runtime_scalar_reason(r.other):
+                return node, factor
+            rules.append(f"{r.rule} on operand->scale")
+            dead.append(node)
+            runtime.append((r.other, r.sign))
+            node = r.x
+            continue
         c = _tensor_factor(r, ctx) if isinstance(r.other, Node) else r.other
         if c is None:
             return node, factor
@@ -333,13 +454,7 @@ def constant_value(node: Node, gm: GraphModule, example_inputs: Sequence[Any],
             elif n.op == "get_attr":
                 env[n] = getattr(gm, n.target)
             else:
-                args = torch.fx.node.map_arg(n.args, lambda a: env[a])
-                kwargs = torch.fx.node.map_arg(n.kwargs, lambda a: env[a])
-                with torch.no_grad():
-                    if n.op == "call_method":
-                        env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
-                    else:
-                        env[n] = n.target(*args, **kwargs)
+                env[n] = C.run_node(n, env)
     except Exception:  # evaluation is best effort: unknown means "not a constant"
         return None
     out = env.get(node)
@@ -557,7 +672,9 @@ def match_softmax(sm: Node, gm: GraphModule, example_inputs: Sequence[Any],
         return fwd
     pv, pv_read, after = fwd
     meta_users: list[Node] = []
-    back = _backward_chain(r.x, rules, ctx, meta_users)
+    runtime: list[tuple[Node, int]] = []
+    cap_runtime: list[tuple[Node, int]] = []
+    back = _backward_chain(r.x, rules, ctx, meta_users, runtime, cap_runtime)
     if isinstance(back, Reject):
         return back
     qk, mm, factor, softcap, masks, before = back
@@ -568,14 +685,16 @@ def match_softmax(sm: Node, gm: GraphModule, example_inputs: Sequence[Any],
     if mm.alpha == 0:                                  # baddbmm: alpha·(a @ b) + beta·bias
         return Reject("baddbmm with alpha=0 ignores Q·Kᵀ; not attention")
     if mm.bias is not None:
+        if runtime:
+            return Reject("baddbmm's bias is scaled by a runtime scalar; not fused")
         bm = C.meta(mm.bias)
         if not isinstance(bm, torch.Tensor) or not bm.is_floating_point():
             return Reject("baddbmm's bias is not a float tensor; not fused")
         masks.append(MaskTerm("add", mm.bias, factor * _sym(mm.beta), domain=_batch(qk)))
     factor = factor * _sym(mm.alpha)
     dead = [pv, *reversed(after), sm, *([r.spans] if r.spans is not None else []), *before]
-    q_node, factor = _peel_scales(mm.x, factor, rules, dead, ctx)
-    kt_node, factor = _peel_scales(mm.other, factor, rules, dead, ctx)
+    q_node, factor = _peel_scales(mm.x, factor, rules, dead, ctx, runtime)
+    kt_node, factor = _peel_scales(mm.other, factor, rules, dead, ctx, runtime)
     q = _operand_view(q_node, mm.perm_a)
     if mm.perm_b is not None:
         k = Operand(kt_node, (("permute", _swap_last2(mm.perm_b)),))
@@ -584,13 +703,14 @@ def match_softmax(sm: Node, gm: GraphModule, example_inputs: Sequence[Any],
         if t is not None and len(kt_node.users) == 1:
             rules.append(t.rule)
             dead.append(kt_node)
-            k_node, factor = _peel_scales(t.x, factor, rules, dead, ctx)
+            k_node, factor = _peel_scales(t.x, factor, rules, dead, ctx, runtime)
             k = Operand(k_node)
         else:
             k = Operand(kt_node, (("transpose", (-2, -1)),))
             rules.append("K from untransposed operand (kt.mT)")
     v = _operand_view(pv_read.other, pv_read.perm_b)
-    return _finish(sm, r, pv, pv_read, qk, q, k, v, factor, softcap, masks, dead, rules, ctx)
+    return _finish(sm, r, pv, pv_read, qk, q, k, v, factor, softcap, masks, dead, rules, ctx,
+                   tuple(runtime), tuple(cap_runtime))
 
 
 def _view_meta(op: Operand) -> Any:
@@ -602,7 +722,8 @@ def _view_meta(op: Operand) -> Any:
 
 def _finish(sm: Node, r: C.Reading, pv: Node, pv_read: C.Reading, qk: Node, q: Operand, k: Operand,
             v: Operand, factor: sympy.Expr, softcap: float, masks: list[MaskTerm], dead: list[Node],
-            rules: list[str], ctx: Context) -> Union[Match, Reject]:
+            rules: list[str], ctx: Context, runtime: tuple[tuple[Node, int], ...] = (),
+            cap_runtime: tuple[tuple[Node, int], ...] = ()) -> Union[Match, Reject]:
     if not _from_inputs(k.node):
         return Reject(f"the keys (`{k.node.name}`) are module weights, not activations: a gate or "
                       f"classifier softmax(x·W)·E, not attention; left alone")
@@ -647,7 +768,7 @@ def _finish(sm: Node, r: C.Reading, pv: Node, pv_read: C.Reading, qk: Node, q: O
     v = v.then(*pv_in, *to_op)
     out_ops = op_out + sm_to_pv + ((("permute", pv_read.out_perm),) if pv_read.out_perm else ())
     nq, nk = qm.shape[-2], km.shape[-2]
-    nonzero = [t for t in masks if not (t.kind == "add" and _is_zero(t, ctx))]
+    nonzero = [t for t in masks if not (t.kind == "add" and _is_zero(t, ctx, nq, nk))]
     rules.extend(["all-zero additive term dropped"] * (len(masks) - len(nonzero)))
     causal, window, kept = _bands(nonzero, nq, nk, ctx, rules)
     for term in kept:
@@ -664,13 +785,15 @@ def _finish(sm: Node, r: C.Reading, pv: Node, pv_read: C.Reading, qk: Node, q: O
     if any(float(t.factor) <= 0 for t in kept if t.kind == "fill"):
         return Reject("a masked_fill followed by a non-positive scale; not fused")
     return Match(sm, pv, q, k, v, factor, kept, causal, dead, rules, softcap, out_ops, groups,
-                 window)
+                 window, runtime, cap_runtime)
 
 
-def _is_zero(term: MaskTerm, ctx: Context) -> bool:
-    """A constant additive term that is all zeros (``baddbmm(torch.zeros(...), q, kᵀ)``)."""
-    value = ctx.constant(term.node)
-    return value is not None and not bool(value.any())
+def _is_zero(term: MaskTerm, ctx: Context, nq: Any, nk: Any) -> bool:
+    """A constant additive term that is all zeros (``baddbmm(torch.zeros(...), q, kᵀ)``), at
+    every size assignment tried when it is built from symbolic sizes."""
+    samples = ctx.mask_samples([term.node], nq, nk) or []
+    return bool(samples) and all(vals[term.node] is not None and not bool(vals[term.node].any())
+                                 for _, _, vals in samples)
 
 
 @dataclass
@@ -684,13 +807,11 @@ def _effective_fill(term: MaskTerm) -> float:
     return term.fill * float(term.factor)
 
 
-def _band_term(term: MaskTerm, nq: int, nk: int, ctx: Context) -> Optional[_BandTerm]:
-    """The keep-pattern of a constant mask that only keeps or masks (bool with a -inf or huge
-    fill; additive with entries 0 and -inf or huge negative values), else None."""
-    if float(term.factor) <= 0:
-        return None
-    value = ctx.constant(term.node)
-    if value is None:
+def _band_term(term: MaskTerm, nq: int, nk: int, value: Optional[torch.Tensor]
+               ) -> Optional[_BandTerm]:
+    """The keep-pattern of a constant mask (``value``) that only keeps or masks (bool with a
+    -inf or huge fill; additive with entries 0 and -inf or huge negative values), else None."""
+    if float(term.factor) <= 0 or value is None:
         return None
     if term.kind == "fill":
         fill = _effective_fill(term)
@@ -710,20 +831,18 @@ def _band_term(term: MaskTerm, nq: int, nk: int, ctx: Context) -> Optional[_Band
     return None if pattern is None else _BandTerm(term, pattern, exact)
 
 
-def _bands(masks: list[MaskTerm], nq: Any, nk: Any, ctx: Context, rules: list[str]
-           ) -> tuple[str, tuple[int, int], list[MaskTerm]]:
-    """Fold the constant masks that together spell a band into ``(causal, window)``; returns
-    them with the mask terms that stay dense (in their original order).
+@dataclass
+class _Decision:
+    taken: tuple[int, ...]              # the masks that together spell a band
+    acc: Optional[torch.Tensor]         # their joint keep-pattern
+    why: dict[int, str]                 # why each other constant mask stays dense
 
-    ``masks`` run from the softmax inwards, so ``masks[:i]`` are applied after ``masks[i]``.
-    A -inf band converts unless a finite masked_fill is applied after it (it would overwrite the
-    -inf; an addition cannot). A huge-finite band converts only if, once converted, the site has
-    no other mask and no row is fully masked: only rows that keep a key give the same softmax
-    whether the masked scores are huge or -inf.
-    """
-    if not _static(nq, nk):
-        return "none", NO_WINDOW, list(masks)
-    cands = {i: b for i, t in enumerate(masks) if (b := _band_term(t, nq, nk, ctx)) is not None}
+
+def _decide(masks: list[MaskTerm], nq: int, nk: int, values: dict[Node, Optional[torch.Tensor]]
+            ) -> _Decision:
+    """Which constant masks (with ``values`` at sizes ``nq``, ``nk``) fold into one band."""
+    cands = {i: b for i, t in enumerate(masks)
+             if (b := _band_term(t, nq, nk, values.get(t.node))) is not None}
     finite_fill = [t.kind == "fill" and math.isfinite(_effective_fill(t)) for t in masks]
     acc: Optional[torch.Tensor] = None
     taken: list[int] = []
@@ -752,15 +871,100 @@ def _bands(masks: list[MaskTerm], nq: Any, nk: Any, ctx: Context, rules: list[st
             acc = None
             for i in taken:
                 acc = cands[i].keep if acc is None else acc & cands[i].keep
-    for i in sorted(why):
-        rules.append(f"constant mask kept dense: {why[i]}")
-    if not taken:
+    return _Decision(tuple(taken), acc, why)
+
+
+def band_keep(causal: str, window: tuple[int, int], nq: int, nk: int) -> torch.Tensor:
+    """The [Nq, Nk] pattern the op keeps for ``causal`` and ``window`` (``kernels/reference.py``)."""
+    off = nk - nq if causal == "bottom_right" else 0
+    i, j = torch.arange(nq)[:, None], torch.arange(nk)[None, :]
+    keep = torch.ones(nq, nk, dtype=torch.bool)
+    if causal != "none":
+        keep &= j <= i + off
+    left, right = window
+    if left >= 0:
+        keep &= j >= i + off - left
+    if right >= 0:
+        keep &= j <= i + off + right
+    return keep
+
+
+def _bands(masks: list[MaskTerm], nq: Any, nk: Any, ctx: Context, rules: list[str]
+           ) -> tuple[str, tuple[int, int], list[MaskTerm]]:
+    """Fold the constant masks that together spell a band into ``(causal, window)``; returns
+    them with the mask terms that stay dense (in their original order).
+
+    ``masks`` run from the softmax inwards, so ``masks[:i]`` are applied after ``masks[i]``.
+    A -inf band converts unless a finite masked_fill is applied after it (it would overwrite the
+    -inf; an addition cannot). A huge-finite band converts only if, once converted, the site has
+    no other mask and no row is fully masked: only rows that keep a key give the same softmax
+    whether the masked scores are huge or -inf.
+
+    At symbolic sizes the masks are read at every size assignment of
+    :meth:`Context.mask_samples`; a band converts only if the same masks are taken at each, and
+    their joint pattern is, at each, exactly the band read at the largest.
+    """
+    samples = ctx.mask_samples([t.node for t in masks], nq, nk) if masks else None
+    if not samples:
         return "none", NO_WINDOW, list(masks)
-    causal, window = band_of(acc, nq, nk)
-    kinds = sorted({"bool" if masks[i].kind == "fill" else "additive" for i in taken})
-    what = [f"causal({causal})"] * (causal != "none") + [f"window{window}"] * (window != NO_WINDOW)
-    rules.append(f"constant {'+'.join(kinds)} mask->{'+'.join(what) or 'no mask'}")
-    return causal, window, [t for i, t in enumerate(masks) if i not in taken]
+    decisions = [_decide(masks, a, b, values) for a, b, values in samples]
+    d = decisions[0]                       # at the graph's own sizes, or the base assignment
+    for i in sorted(d.why):
+        rules.append(f"constant mask kept dense: {d.why[i]}")
+    if not d.taken:
+        return "none", NO_WINDOW, list(masks)
+    kinds = sorted({"bool" if masks[i].kind == "fill" else "additive" for i in d.taken})
+    what = "constant"
+    if len(samples) == 1:
+        causal, window = band_of(d.acc, samples[0][0], samples[0][1])
+        checked = ""
+    else:
+        what = "size-only"
+        missing = [(a, b) for a, b, values in samples
+                   if any(values[masks[i].node] is None for i in d.taken)]
+        if missing:
+            rules.append(f"size-only {'+'.join(kinds)} mask kept dense: it could not be evaluated "
+                         f"at every size tried (e.g. Nq, Nk = {missing[0]}: over the evaluation "
+                         f"limit, or undefined there)")
+            return "none", NO_WINDOW, list(masks)
+        big = max(range(len(samples)), key=lambda s: samples[s][0] * samples[s][1])
+        band = band_of(decisions[big].acc, samples[big][0], samples[big][1]) \
+            if decisions[big].taken == d.taken else None
+        same = band is not None and all(
+            e.taken == d.taken and torch.equal(_pattern(e.acc, a, b), band_keep(*band, a, b))
+            for e, (a, b, _) in zip(decisions, samples))
+        if not same:
+            rules.append(f"size-only {'+'.join(kinds)} mask kept dense: not the same causal band "
+                         f"or window at every size tried ({len(samples)} size assignments)")
+            return "none", NO_WINDOW, list(masks)
+        causal, window = band
+        checked = f" (the same band at all {len(samples)} size assignments tried)"
+    band = [f"causal({causal})"] * (causal != "none") + [f"window{window}"] * (window != NO_WINDOW)
+    rules.append(f"{what} {'+'.join(kinds)} mask->{'+'.join(band) or 'no mask'}{checked}")
+    return causal, window, [t for i, t in enumerate(masks) if i not in d.taken]
+
+
+def scalar_name(node: Node) -> str:
+    """Where a runtime scalar comes from: ``self.scaling`` for a module attribute Dynamo reads by
+    ``.item()``, else the node's name."""
+    src = node.args[0] if (node.op == "call_method" and node.target == "item" and node.args
+                           and isinstance(node.args[0], Node)) else node
+    if src.op == "placeholder":
+        name = _source_name(src)
+        if name:
+            name = re.sub(r"\._modules\['([^']+)'\]", r".\1", name)
+            return name.replace("L['self'].", "self.").replace("L['self']", "self")
+    return node.name
+
+
+def scale_expr(m: Match) -> str:
+    """The scale as the report shows it: ``1/8``, or ``self.scaling (0.125 when compiled)``."""
+    if not m.runtime:
+        return _fmt(m.scale)
+    parts = [scalar_name(n) + ("" if p == 1 else f"^{p}") for n, p in net_powers(m.runtime)]
+    if float(m.scale) != 1.0:
+        parts.insert(0, _fmt(m.scale))
+    return f"{'·'.join(parts)} (runtime, {_fmt_value(m.scale_hint())} when compiled)"
 
 
 def spec_of(m: Match, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -776,10 +980,10 @@ def spec_of(m: Match, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     rg = any(getattr(t, "requires_grad", False) for t in (q, k, v)) or mask_rg
     return AttentionSpec(
         q=TensorInfo.of(q), k=TensorInfo.of(k), v=TensorInfo.of(v),
-        scale=float(m.scale), scale_expr=_fmt(m.scale),
+        scale=m.scale_hint(), scale_expr=scale_expr(m),
         mask=MaskSpec(m.causal, kind, info, fill if kind == "bool" else float("-inf"), mask_rg,
                       m.window),
-        gqa_groups=m.gqa_groups, softcap=m.softcap,
+        gqa_groups=m.gqa_groups, softcap=m.softcap_hint(),
         softmax_dtype=sdt, requires_grad=rg, source="eager_softmax",
         location=location, module_path=module_path, rules=tuple(m.rules))
 

@@ -20,7 +20,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from ..kernels import registry, sdpa
 from . import canonicalize as C
-from .match import Match, Operand
+from .match import Match, Operand, net_powers
 
 def _fake_mode(nodes: list[Node]) -> Any:
     for n in nodes:
@@ -184,16 +184,48 @@ def erase_dead(graph: Graph, nodes: list[Node]) -> None:
         erase(n)
 
 
-def _fused(b: _Builder, q: Any, k: Any, v: Any, mask: Any, scale: float, causal: str,
-           fill: float, kernel: str, softcap: float = 0.0,
+def _fused(b: _Builder, q: Any, k: Any, v: Any, mask: Any, scale: Any, causal: str,
+           fill: float, kernel: str, softcap: Any = 0.0,
            window: tuple[int, int] = (-1, -1)) -> Node:
     """The output node of one fused call: ``attnfuse::attention``, or the pinned SDPA call of an
-    SDPA kernel (whose sites carry no fill, soft-cap or window: the selector refused those)."""
+    SDPA kernel (whose sites carry no fill, soft-cap or window: the selector refused those).
+    ``scale`` is a float or the node of a runtime scalar (a ``SymFloat``)."""
     if registry.is_sdpa(kernel):
         return b.fn(sdpa.call, q, k, v, mask, scale, causal != "none", kernel)
     fused = b.fn(torch.ops.attnfuse.attention.default, q, k, v, mask, scale, causal, fill, kernel,
                  softcap, *window)
     return b.fn(operator.getitem, fused, 0)
+
+
+def runtime_argument(b: _Builder, const: float, factors: tuple, absolute: bool = False) -> Any:
+    """``const`` times the runtime scalars of the graph in ``factors`` (``SymFloat``/``SymInt``
+    nodes with integer powers), computed in the graph so the op gets their run-time value; the
+    float ``const`` when there are none."""
+    value: Any = None
+    for node, power in net_powers(factors):
+        x = b.leaf(node)
+        for _ in range(abs(power)):
+            if value is None:
+                value = x if power > 0 else b.fn(operator.truediv, 1.0, x)
+            else:
+                value = b.fn(operator.mul if power > 0 else operator.truediv, value, x)
+    if value is None:
+        return abs(const) if absolute else const
+    if const != 1.0 or not isinstance(C.meta(value), torch.SymFloat):
+        value = b.fn(operator.mul, value, const)       # a float, even for a SymInt product
+    return b.fn(operator.abs, value) if absolute else value
+
+
+def scale_argument(b: _Builder, m: Match) -> Any:
+    """The op's ``scale``: a float, or the node computing it from runtime scalars."""
+    return runtime_argument(b, float(m.scale), m.runtime)
+
+
+def softcap_argument(b: _Builder, m: Match) -> Any:
+    """The op's ``softcap`` (0 = none): a float, or ``|c|`` of a runtime scalar ``c``."""
+    if not m.softcap_runtime:
+        return float(m.softcap)
+    return runtime_argument(b, float(m.softcap), m.softcap_runtime, absolute=True)
 
 
 def rewrite_site(gm: GraphModule, m: Match, kernel: str, note: str) -> Node:
@@ -203,7 +235,8 @@ def rewrite_site(gm: GraphModule, m: Match, kernel: str, note: str) -> Node:
     b = _Builder(graph, m.pv, mode, note)
     q, k, v, mask, fill = operands(b, m)
     left, right = m.window
-    out = _fused(b, q, k, v, mask, float(m.scale), m.causal, fill, kernel, float(m.softcap),
+    out = _fused(b, q, k, v, mask, scale_argument(b, m), m.causal, fill, kernel,
+                 softcap_argument(b, m),
                  (int(left), int(right)))
     for name, args in m.out_ops:
         out = b("call_method", name, out, *args)
@@ -212,7 +245,7 @@ def rewrite_site(gm: GraphModule, m: Match, kernel: str, note: str) -> Node:
     return out
 
 
-def rewrite_sdpa(gm: GraphModule, node: Node, q: Any, k: Any, v: Any, mask: Any, scale: float,
+def rewrite_sdpa(gm: GraphModule, node: Node, q: Any, k: Any, v: Any, mask: Any, scale: Any,
                  causal: str, kernel: str, note: str) -> Node:
     """Replace an SDPA call with the fused op (same operands; GQA and masks carry over)."""
     b = _Builder(gm.graph, node, _fake_mode([node]), note)

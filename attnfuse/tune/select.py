@@ -152,8 +152,8 @@ def _gate_verdicts(problem: Problem, policy: str, gate: Optional[Gate]) -> dict[
     for name in registry.candidates(problem.device):
         if registry.get(name).exact:
             continue
-        if policy == "exact":
-            out[name] = [["not exact (policy='exact')"], {}]
+        if policy != "fast":  # quantized kernels: policy="fast" only
+            out[name] = [[f"not exact (policy={policy!r})"], {}]
         elif problem.facts.training:
             out[name] = [["inference only: the site needs gradients, an exact kernel runs it"], {}]
         elif gate is None:
