@@ -40,6 +40,7 @@ import triton.language as tl
 from .flash import (_band, _block, _bwd_preprocess, _device_ctx, _fill2, _for_store,
                     _is_interpreted, _keep_bool, _load, _load_lse2, _lowp, _mask_row,
                     _masked_scores2, _operand)
+from .flash import _mask_args as flash_mask_args
 from .reference import NO_WINDOW, band_offset, check_window, operand_reasons
 from .sparse_layout import (BlockLayout, band_sides, default_block, layout_from_block_mask,
                             layout_from_blocks)
@@ -499,15 +500,11 @@ def _prepare(q, k, v, layout, mask, causal, window) -> tuple[tuple[int, int], An
 
 def _mask_args(mask: Optional[torch.Tensor], dummy: torch.Tensor
                ) -> tuple[torch.Tensor, tuple[int, int, int, int], dict]:
-    """(tensor to read, strides with 0 on broadcast dims, constexpr flags), as flash reads a
-    mask: bool as uint8; query-row stride 0 (key padding) as one row per key tile."""
-    if mask is None:
-        return dummy, (0, 0, 0, 0), dict(MASK_KIND=0, MASK_ROWS_BCAST=False)
-    strides = tuple(0 if n == 1 else s for n, s in zip(mask.shape, mask.stride()))
-    flags = dict(MASK_ROWS_BCAST=strides[2] == 0)
-    if mask.dtype == torch.bool:
-        return mask.view(torch.uint8), strides, dict(flags, MASK_KIND=1)
-    return mask, strides, dict(flags, MASK_KIND=2)
+    """The mask as flash reads it (``flash._mask_args``); the block lists already skip what a
+    key-padding trim would, so flash's TRIM_KEYS flag is not one of these kernels'."""
+    m, strides, flags = flash_mask_args(mask, dummy, float("-inf"))
+    flags.pop("TRIM_KEYS")
+    return m, strides, flags
 
 
 def sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
