@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch.fx import GraphModule, Node
 
 from . import ops  # noqa: F401  (registers torch.ops.attnfuse.*)
-from .kernels import registry
+from .kernels import registry, sdpa
 from .passes import canonicalize as C
 from .passes import lower
 from .passes.match import (Context, match_softmax, module_path, scalar_name, softmax_nodes,
@@ -427,10 +429,29 @@ def _inner_compile(gm: GraphModule, example_inputs: Sequence[Any], opts: Options
     if opts.inner == "eager":
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
-    patches = opts.inductor_config()
+    patches = {**opts.inductor_config(), **_cacheable_calls()}
     if patches:
         return compile_fx(gm, example_inputs, config_patches=patches)
     return compile_fx(gm, example_inputs)
+
+
+def _cacheable_calls() -> dict[str, Any]:
+    """Inductor config marking the plain function the rewrite puts in graphs (``sdpa.call``, SDPA
+    pinned to one backend) as cacheable, keyed by its module's source: AOTAutograd's cache
+    refuses any graph calling a Python function it does not know, so every compile of a
+    rewritten graph would trace it again. Its behaviour is fixed by its arguments (constants of
+    the graph, hence of the cache key) and its source (the value here)."""
+    from torch._inductor import config
+    marked = getattr(config, "unsafe_marked_cacheable_functions", None)
+    if not isinstance(marked, dict):
+        return {}
+    name = f"{sdpa.call.__module__}.{sdpa.call.__name__}"
+    if name not in _SDPA_DIGEST:
+        _SDPA_DIGEST[name] = hashlib.sha256(Path(sdpa.__file__).read_bytes()).hexdigest()[:16]
+    return {"unsafe_marked_cacheable_functions": {**marked, name: _SDPA_DIGEST[name]}}
+
+
+_SDPA_DIGEST: dict[str, str] = {}
 
 
 def attnfuse_backend(gm: GraphModule, example_inputs: Sequence[Any], *,

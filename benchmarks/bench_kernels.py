@@ -157,7 +157,8 @@ def _case_name(c: dict) -> str:
     return name
 
 
-def check_correctness() -> list[dict]:
+def check_correctness(dims: Optional[list[int]] = None) -> list[dict]:
+    """The CASES (only those with head dim in ``dims`` when given) against the reference."""
     import torch
     import attnfuse
     from attnfuse.kernels import reference
@@ -165,6 +166,8 @@ def check_correctness() -> list[dict]:
     dev = torch.device("cuda")
     rows = []
     for c in CASES:
+        if dims and c["d"] not in dims:
+            continue
         dtype, softcap, causal, window = _dtype(c["dtype"]), c["softcap"], c["causal"], c["window"]
         b, hq, hkv, nq, nk, d, dv = (c[k] for k in ("b", "hq", "hkv", "nq", "nk", "d", "dv"))
         name = _case_name(c)
@@ -786,7 +789,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default=",".join(PARTS),
                         help="comma list of check,speed,fp16,features (default all)")
-    parser.add_argument("--d", nargs="+", default=None, help="head dims (default 64,128,256)")
+    parser.add_argument("--d", nargs="+", default=None,
+                        help="head dims (default 64,128,256); the check part: only cases of them")
     parser.add_argument("--n", nargs="+", default=None,
                         help="sequence lengths, e.g. 1k,4k or 1024 4096 (default 1k..16k)")
     parser.add_argument("--causal", choices=("both", "yes", "no"), default="both")
@@ -830,7 +834,7 @@ def main() -> None:
     print(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']}", flush=True)
     run = Run(args, meta)
     if "check" in parts:
-        run.checks = check_correctness()
+        run.checks = check_correctness(_ints(args.d) if args.d else None)
         run.save()
     if "speed" in parts:
         time_grid(run, "speed", dims, lengths, causals, kernels, "bf16", not args.no_bwd)

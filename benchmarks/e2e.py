@@ -31,7 +31,8 @@ Parts (``--parts``, comma list; default ``prefill,train``):
 - ``prefill``: the inference forward of every model (Llama prefill, ViT forward, one denoising
   step). ``train``: Llama's training step.
   Per variant: the first call's wall time (compilation included; caches as the process finds
-  them), then ``--warmup`` calls and up to ``--reps`` calls timed with CUDA events (at least
+  them), then ``--warmup`` calls (on CUDA for at least a second, so the clocks leave idle) and
+  up to ``--reps`` calls timed with CUDA events (at least
   3, stopping after ``--rep-seconds``); latency = median. Peak memory =
   ``torch.cuda.max_memory_allocated`` over those steady-state calls (weights included; the first
   call's peak is in the JSON). A variant that runs out of memory is recorded as ``OOM``, one that
@@ -84,6 +85,7 @@ import gc
 import importlib
 import importlib.util
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -461,8 +463,9 @@ def report_summary(report: Any) -> dict[str, Any]:
                 g["min_cosine"] = min(c.accuracy["cosine"], g["min_cosine"] or 2.0)
             if c.accuracy.get("rel_l1") is not None:
                 g["max_rel_l1"] = max(c.accuracy["rel_l1"], g["max_rel_l1"] or 0.0)
+    why = list(dict.fromkeys(s.reason for s in report.sites if s.kernel))[:3]
     return dict(graphs=len(report.before), sites=len(report.sites), fused=len(report.fused),
-                kernels=dict(kernels), masks=dict(masks), kept_reasons=kept, gate=gate,
+                kernels=dict(kernels), masks=dict(masks), kept_reasons=kept, why=why, gate=gate,
                 quantized=any(str(s.kernel).startswith("sage") for s in report.sites),
                 approximate=sorted(k for k in kernels if not _exact(k)))
 
@@ -512,14 +515,20 @@ class Timing:
     reps: int = 10
     min_reps: int = 3
     seconds: float = 3.0
+    profile: int = 0      # > 0: also record the top GPU kernels of this many extra calls
+    warm_seconds: float = 1.0   # CUDA: warm-up lasts at least this long (a GPU idle through a
+    #                             compile runs its first calls at a fraction of its clock)
 
 
 def measure(step: Callable[[], Any], device: torch.device, t: Timing) -> tuple[list[float], Any]:
     """Milliseconds of each timed call (CUDA events, or the host clock on CPU), last output."""
     out = None
-    for _ in range(t.warmup):
+    t0 = time.perf_counter()
+    for i in itertools.count():   # warm-up calls, and long enough for the clocks to leave idle
+        if i >= t.warmup and (device.type != "cuda" or time.perf_counter() - t0 >= t.warm_seconds):
+            break
         out = step()
-    _sync(device)
+        _sync(device)
     times: list[float] = []
     while len(times) < max(t.min_reps, 1) or (len(times) < t.reps
                                                and sum(times) < 1000 * t.seconds):
@@ -535,6 +544,27 @@ def measure(step: Callable[[], Any], device: torch.device, t: Timing) -> tuple[l
             out = step()
             times.append(1000 * (time.perf_counter() - t0))
     return times, out
+
+
+def top_kernels(step: Callable[[], Any], calls: int, keep: int = 12) -> list[dict]:
+    """The GPU kernels of ``calls`` calls of ``step`` by total device time (torch.profiler):
+    where two variants' latencies differ, this says which kernels differ."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None)
+        if us is None:
+            us = getattr(e, "self_cuda_time_total", 0)
+        if us > 0:
+            rows.append(dict(name=e.key[:90], us_per_call=us / calls, count=e.count // calls))
+    rows.sort(key=lambda r: -r["us_per_call"])
+    total = sum(r["us_per_call"] for r in rows)
+    return [dict(name="(all kernels)", us_per_call=total, count=sum(r["count"] for r in rows))] \
+        + rows[:keep]
 
 
 def run_variant(case: Case, variant: str, env: Env, timing: Timing) -> tuple[dict, Any]:
@@ -570,6 +600,8 @@ def run_variant(case: Case, variant: str, env: Env, timing: Timing) -> tuple[dic
             rec["throughput"] = case.items / (rec["latency_ms"] / 1000)
             if dev.type == "cuda":
                 rec["peak_gib"] = torch.cuda.max_memory_allocated(dev) / GIB
+            if timing.profile:
+                rec["kernels"] = top_kernels(step, timing.profile)
             output = case.output(out, model).detach().to("cpu", torch.float32)
             if case.train:
                 rec["loss"] = float(case.loss(out).detach())
@@ -1138,8 +1170,13 @@ def run(args: argparse.Namespace, env: Env) -> list[dict]:
             extra = rec.get("error", "")[:160]
         print(f"[{time.perf_counter() - t_start:6.0f} s] {rec['model']} {rec['part']} "
               f"{rec['case']} {rec['variant']}: {rec.get('status')} {extra}", flush=True)
+        for why in (rec.get("attnfuse") or {}).get("why", [])[:2]:
+            print(f"    why: {why[:400]}", flush=True)
+        for k in rec.get("kernels", [])[:8]:
+            print(f"    {k['us_per_call']:9.1f} us  x{k['count']:<4d} {k['name']}", flush=True)
 
-    timing = Timing(warmup=args.warmup, reps=args.reps, seconds=args.rep_seconds)
+    timing = Timing(warmup=args.warmup, reps=args.reps, seconds=args.rep_seconds,
+                    profile=args.profile if env.device.type == "cuda" else 0)
     if env.device.type == "cpu":
         timing = Timing(warmup=0, reps=1, min_reps=1, seconds=0)
     for model in args.models:
@@ -1270,6 +1307,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--reps", type=int, default=10, help="most timed calls per variant (10)")
     p.add_argument("--rep-seconds", type=float, default=3.0,
                    help="stop timing a variant after this many seconds (after 3 calls)")
+    p.add_argument("--profile", type=int, default=0, metavar="CALLS",
+                   help="CUDA: also record each variant's top kernels over CALLS calls")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds after which no new variant is started")
     p.add_argument("--child-timeout", type=float, default=480.0,

@@ -129,13 +129,16 @@ def test_unknown_mode_raises() -> None:
 
 
 class _Spy:
-    """Stands in for Inductor's compile_fx: records its config patches, runs the graph eagerly."""
+    """Stands in for Inductor's compile_fx: records its config patches (the mode's; the cache
+    marking of ``sdpa.call`` is tested on its own), runs the graph eagerly."""
 
     def __init__(self) -> None:
         self.patches: list[dict] = []
 
     def __call__(self, gm, example_inputs, **kwargs):
-        self.patches.append(dict(kwargs.get("config_patches") or {}))
+        patches = dict(kwargs.get("config_patches") or {})
+        patches.pop("unsafe_marked_cacheable_functions", None)
+        self.patches.append(patches)
         return gm.forward
 
 
@@ -168,6 +171,26 @@ def test_no_mode_no_patches(spy: _Spy) -> None:
     q = torch.randn(1, 2, 5, 8)
     torch.compile(attn, backend="attnfuse")(q, q, q)
     assert spy.patches == [{}]
+
+
+@pytest.mark.skipif(not hasattr(torch._inductor.config, "unsafe_marked_cacheable_functions"),
+                    reason="this torch has no unsafe_marked_cacheable_functions")
+def test_second_compile_hits_aotautograd_cache(tmp_path, monkeypatch) -> None:
+    """A rewritten graph calls ``sdpa.call`` (SDPA pinned to a backend); AOTAutograd's cache
+    refuses unknown Python functions unless marked, and then every compile traces again. Marked
+    (keyed by its source), a second compile of the same model is a cache hit."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    model, x = Plain().eval(), torch.randn(2, 7, 24)
+    stats = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        counters.clear()
+        with torch._functorch.config.patch(enable_autograd_cache=True):
+            fast = attnfuse.optimize(model, x, kernel="sdpa_math")
+        assert fast.attnfuse_report.sites[0].kernel == "sdpa_math"   # an sdpa.call in the graph
+        stats.append(dict(counters["aot_autograd"]))
+    assert stats[0].get("autograd_cache_bypass", 0) == 0, stats
+    assert stats[1].get("autograd_cache_hit", 0) == 1, stats
 
 
 @pytest.mark.slow

@@ -108,3 +108,26 @@ def test_quantized_kernels_have_no_backward():
     q = torch.randn(1, 2, 32, 64, dtype=torch.bfloat16, requires_grad=True)
     with pytest.raises(ValueError, match="inference only"):
         registry.get("sage_fp16").backward(q, q, q, q, None, q, None, 0.1, "none", -1e9, False, 0.0)
+
+
+def test_gate_does_not_measure_a_kernel_that_cannot_run_the_site(monkeypatch):
+    """Head dim 72 (DiT-XL): the quantized kernels take 64/128 only. The gate must not try them
+    on the activations (nothing to measure); the candidates say why they cannot run."""
+    from attnfuse import backend
+    measured = []
+    real = backend._measure
+
+    def spy(values, problem, name):
+        measured.append(name)
+        return real(values, problem, name)
+    monkeypatch.setattr(backend, "_measure", spy)
+    torch.manual_seed(0)
+    model = Attn(d=72).to(torch.bfloat16).eval()
+    x = torch.randn(1, 40, 144, dtype=torch.bfloat16)
+    site = attnfuse.explain(model, (x,), policy="fast", tune=False).sites[0]
+    assert site.fused and site.kernel not in QUANTIZED
+    assert not measured
+    for name in QUANTIZED:
+        c = next(c for c in site.candidates if c.kernel == name)
+        assert not c.eligible and any("head dim" in r for r in c.reasons), c.reasons
+        assert not any("could not be measured" in r for r in c.reasons), c.reasons

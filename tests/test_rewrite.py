@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import pytest
 import torch
@@ -293,3 +294,72 @@ def test_hf_sliding_window_without_padding_becomes_window_args(base: str, window
            for s in r.sites]
     assert got == windows and all(s.spec.mask.causal == "top_left" for s in r.sites), str(r)
     assert all(s.spec.mask.kind == "none" for s in r.sites)
+
+
+class _MergedHeads(nn.Module):
+    """Attention as diffusers' eager ``AttnProcessor`` spells it: heads reshaped into the batch
+    (``head_to_batch_dim``), ``baddbmm`` with the scale as ``alpha`` (and the mask as its input),
+    ``bmm``, then ``batch_to_head_dim``."""
+
+    def __init__(self, dim: int = 24, heads: int = 3) -> None:
+        super().__init__()
+        self.heads = heads
+        self.to_q, self.to_k, self.to_v, self.to_out = (nn.Linear(dim, dim) for _ in range(4))
+
+    def head_to_batch(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, d = t.shape
+        t = t.reshape(b, n, self.heads, d // self.heads).permute(0, 2, 1, 3)
+        return t.reshape(b * self.heads, n, d // self.heads)
+
+    def batch_to_head(self, t: torch.Tensor) -> torch.Tensor:
+        bh, n, d = t.shape
+        t = t.reshape(bh // self.heads, self.heads, n, d)
+        return t.permute(0, 2, 1, 3).reshape(bh // self.heads, n, d * self.heads)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        q, k, v = (self.head_to_batch(f(x)) for f in (self.to_q, self.to_k, self.to_v))
+        if mask is None:
+            base, beta = torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=q.dtype), 0
+        else:
+            base, beta = mask, 1
+        scores = torch.baddbmm(base, q, k.transpose(-1, -2), beta=beta,
+                               alpha=(q.shape[-1]) ** -0.5)
+        return self.to_out(self.batch_to_head(torch.bmm(scores.softmax(-1), v)))
+
+
+def _merged(report: attnfuse.Report, shape: tuple) -> int:
+    """Nodes of the rewritten graphs with the heads-in-batch shape ``shape``."""
+    return sum(1 for g in report.after for n in g.graph.nodes
+               if tuple(getattr(n.meta.get("example_value"), "shape", ())) == shape)
+
+
+@pytest.mark.parametrize("mask", ["none", "per_head", "shared"])
+def test_heads_merged_into_the_batch_are_read_as_4d_views(mask: str) -> None:
+    """No [B·H, N, D] copies around the fused op: it reads the 4-D tensors the heads were merged
+    from and the model's reshape back to [B, H, N, D] becomes the op's output; values, masks
+    (per head [B·H, 1, Nk] or shared [1, Nq, Nk]) and gradients as eager."""
+    torch.manual_seed(0)
+    model = _MergedHeads()
+    x = torch.randn(2, 11, 24)
+    args: tuple = (x,)
+    if mask == "per_head":
+        m = torch.zeros(2 * 3, 1, 11)
+        m[:3, :, -4:] = -1e4              # padding of the first sequence, repeated per head
+        args = (x, m)
+    elif mask == "shared":
+        args = (x, torch.randn(1, 11, 11))
+    report = check_rewrite(model, args, fused=1)
+    site = report.sites[0]
+    assert any("heads merged into the batch" in r for r in site.spec.rules), site.spec.rules
+    assert tuple(site.spec.q.shape) == (2, 3, 11, 8)
+    assert _merged(report, (2 * 3, 11, 8)) == 0, report.diff()
+
+
+def test_batch_merged_from_another_layout_is_left_as_is() -> None:
+    """``nn.MultiheadAttention``'s [N, B·H, D] -> transpose: not a reshape of a [B, H, N, D]
+    tensor, so the site fuses without the unmerge."""
+    mha = nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    x = torch.randn(2, 7, 16)
+    report = attnfuse.explain(Fn(lambda s, x: mha(x, x, x, need_weights=False)[0]), (x,))
+    assert len(report.fused) == 1, str(report)
+    assert not any("heads merged" in r for r in report.sites[0].spec.rules)

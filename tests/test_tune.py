@@ -153,12 +153,13 @@ def test_untimed_choice_is_the_best_prediction():
 
 
 def _count_benches(monkeypatch) -> list:
+    """Every timing: each timed candidate is measured in ``select.ROUNDS`` rounds."""
     calls = []
     real = select._bench
 
-    def counted(fn, device):
+    def counted(fn, device, *args):
         calls.append(fn)
-        return real(fn, device)
+        return real(fn, device, *args)
     monkeypatch.setattr(select, "_bench", counted)
     return calls
 
@@ -169,12 +170,16 @@ def test_timed_choice_is_stored_and_reused_across_processes(monkeypatch):
     p = Problem.of(q, k, v, None, "none")
     first = choose(p, q, k, v, None, tune=True)
     timed = [c for c in first.candidates if c.measured_ms is not None]
-    assert first.cache == "miss" and len(timed) == len(calls) >= 2
+    rounds = select.ROUNDS
+    assert first.cache == "miss" and len(timed) >= 2 and len(calls) == rounds * len(timed)
+    assert len({id(f) for f in calls}) == len(timed)   # rounds reuse each candidate's runner
     assert first.kernel == min(timed, key=lambda c: c.measured_ms).kernel
-    assert choose(p, q, k, v, None, tune=True) is first and len(calls) == len(timed)  # memory
+    assert choose(p, q, k, v, None, tune=True) is first   # memory: nothing timed again
+    assert len(calls) == rounds * len(timed)
     select.forget()                      # a new process: only the disk remains
     again = choose(p, q, k, v, None, tune=True)
-    assert again.cache == "hit" and again.kernel == first.kernel and len(calls) == len(timed)
+    assert again.cache == "hit" and again.kernel == first.kernel
+    assert len(calls) == rounds * len(timed)
     assert len(cache.store("calibration")) >= 1      # timings refined the cost model
     # the same bucket (48 -> 64, 80 -> 128) hits; another bucket does not
     q2, k2, v2 = _qkv(nq=60, nk=100)
@@ -215,6 +220,34 @@ def test_pinned_choices_reproduce_without_timing(monkeypatch, tmp_path):
     assert other.cache == "pinned" and "no entry" in other.reason
 
 
+def test_timing_rounds_are_interleaved_and_the_fastest_round_counts(monkeypatch):
+    """A clock that speeds up while tuning (a GPU leaving idle) must not decide the choice: the
+    candidate timed first is the fastest, but its first round ran at a third of the clock."""
+    real_runner, order = select.runner, []
+
+    def tagged(problem, kernel):
+        fn = real_runner(problem, kernel)
+        fn.kernel = kernel
+        return fn
+    true_ms: dict[str, float] = {}
+
+    def fake_bench(fn, device, *args):
+        order.append(fn.kernel)
+        true_ms.setdefault(fn.kernel, 1.0 + 0.1 * len(true_ms))   # first timed = fastest
+        slow = 3.0 if len(order) == 1 else 1.0
+        return true_ms[fn.kernel] * slow * 1e-3
+    monkeypatch.setattr(select, "runner", tagged)
+    monkeypatch.setattr(select, "_bench", fake_bench)
+    q, k, v = _qkv(nq=40, nk=40)
+    c = choose(Problem.of(q, k, v, None, "none"), q, k, v, None, tune=True)
+    timed = [x.kernel for x in c.candidates if x.measured_ms is not None]
+    first = order[0]
+    assert len(timed) >= 2 and order == order[:len(timed)] * select.ROUNDS   # interleaved
+    assert c.kernel == first
+    assert c.candidates[[x.kernel for x in c.candidates].index(first)].measured_ms == \
+        pytest.approx(true_ms[first])
+
+
 def test_concurrent_first_calls_tune_once(monkeypatch):
     calls = _count_benches(monkeypatch)
     q, k, v = _qkv(nq=72, nk=72)
@@ -233,7 +266,8 @@ def test_concurrent_first_calls_tune_once(monkeypatch):
         t.join()
     assert not errors and len(results) == 6
     assert len({id(r) for r in results}) == 1
-    assert len(calls) == sum(1 for c in results[0].candidates if c.measured_ms is not None)
+    timed = sum(1 for c in results[0].candidates if c.measured_ms is not None)
+    assert len(calls) == select.ROUNDS * timed
 
 
 # ----------------------------------------------------------------------------- through the doors

@@ -754,6 +754,9 @@ def _cfg(block_m: int, block_n: int, warps: int, stages: int,
 # ``_pruner`` keeps three per situation: every new autotuning key compiles and times each
 # candidate on its first call, and each compile of these kernels costs seconds. With
 # ATTNFUSE_FLASH_AUTOTUNE=0 the always-fitting last candidate runs untimed (checks, quick starts).
+# The wide backward lists come from benchmarks/explore_bwd.py at d=256, N=8k: dK/dV with 32 K/V
+# rows stationary and 4 warps (+14 % over 64x64/8 warps), dQ with 128 Q rows, 64-key tiles and
+# one stage (+20 %).
 _FWD_CONFIGS = {
     "narrow": [_cfg(128, 64, 8, 3, False), _cfg(128, 64, 8, 4, False), _cfg(64, 64, 4, 2, False)],
     "plain": [_cfg(128, 128, 8, 3, False), _cfg(128, 128, 8, 3, True), _cfg(64, 64, 4, 2, False)],
@@ -763,10 +766,10 @@ _FWD_CONFIGS = {
 }
 _DKDV_CONFIGS = {"narrow": [_cfg(64, 128, 8, 3), _cfg(64, 128, 8, 2), _cfg(32, 64, 4, 2)],
                  "masked": [_cfg(64, 64, 4, 3), _cfg(32, 128, 4, 3), _cfg(32, 64, 4, 2)],
-                 "wide": [_cfg(64, 64, 8, 2), _cfg(32, 64, 4, 2), _cfg(16, 32, 4, 1)]}
+                 "wide": [_cfg(64, 32, 4, 2), _cfg(64, 64, 8, 2), _cfg(16, 32, 4, 1)]}
 _DQ_CONFIGS = {"narrow": [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 2)],
                "masked": [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2)],
-               "wide": [_cfg(64, 64, 8, 2), _cfg(64, 32, 4, 2), _cfg(32, 16, 4, 1)]}
+               "wide": [_cfg(128, 64, 8, 1), _cfg(128, 32, 8, 2), _cfg(32, 16, 4, 1)]}
 _AUTOTUNE = os.environ.get("ATTNFUSE_FLASH_AUTOTUNE", "1") != "0"
 
 

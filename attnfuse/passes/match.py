@@ -27,6 +27,7 @@ Soundness rules (a rewrite never changes what the model computes):
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
@@ -784,8 +785,94 @@ def _finish(sm: Node, r: C.Reading, pv: Node, pv_read: C.Reading, qk: Node, q: O
                       "fully masked rows")
     if any(float(t.factor) <= 0 for t in kept if t.kind == "fill"):
         return Reject("a masked_fill followed by a non-positive scale; not fused")
-    return Match(sm, pv, q, k, v, factor, kept, causal, dead, rules, softcap, out_ops, groups,
-                 window, runtime, cap_runtime)
+    return unmerge_heads(Match(sm, pv, q, k, v, factor, kept, causal, dead, rules, softcap,
+                               out_ops, groups, window, runtime, cap_runtime))
+
+
+# -- heads merged into the batch: read the 4-D tensor they were merged from -------------------------
+
+def _known_equal(a: Any, b: Any) -> bool:
+    """``a == b`` for sizes, without adding a guard on symbolic ones."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+        return bool(statically_known_true(a == b))
+    except Exception:  # noqa: BLE001  (an expression it cannot decide: not known equal)
+        return False
+
+
+RESHAPES = {("call_method", "reshape"), ("call_method", "view"), ("call_method", "flatten"),
+             ("call_function", torch.reshape), ("call_function", torch.flatten)}
+
+
+def merged_from(node: Node) -> Optional[Node]:
+    """The 4-D ``[B, H, N, D]`` tensor that ``node``, a ``[B·H, N, D]`` tensor, is a reshape of
+    (diffusers' ``head_to_batch_dim``, ``x.reshape(B * H, N, D)``), or None. With the last two
+    sizes kept, any reshape between those shapes is ``flatten(0, 1)``."""
+    if (node.op, node.target) not in RESHAPES or not node.args:
+        return None
+    src = node.args[0]
+    if not isinstance(src, Node):
+        return None
+    s, d = C.meta(src), C.meta(node)
+    if not (isinstance(s, torch.Tensor) and isinstance(d, torch.Tensor)):
+        return None
+    if s.dim() != 4 or d.dim() != 3 or not _same_dims(d.shape[1:], s.shape[2:]):
+        return None
+    return src if _known_equal(d.shape[0], s.shape[0] * s.shape[1]) else None
+
+
+_TO_3D_OP, _FROM_3D_OP = (("unsqueeze", (0,)),), (("squeeze", (0,)),)
+UNMERGED_OUT = ("flatten", (0, 1))
+
+
+def unmerge_heads(m: Match) -> Match:
+    """A site on ``[B·H, N, D]`` operands that were reshaped from ``[B, H, N, D]`` tensors
+    (the reshape copies when the 4-D tensor is a permuted view, as it is after a projection)
+    reads the 4-D tensors instead, and its output is flattened back; the rewrite then folds a
+    reshape of that output back to ``[B, H, Nq, Dv]`` away, so neither side copies. Same values:
+    only the views differ."""
+    if m.out_ops != _FROM_3D_OP or any(x.ops != _TO_3D_OP for x in (m.q, m.k, m.v)):
+        return m
+    srcs = [merged_from(x.node) for x in (m.q, m.k, m.v)]
+    if any(s is None for s in srcs):
+        return m
+    heads = [tuple(C.meta(s).shape[:2]) for s in srcs]
+    if not (_same_dims(heads[0], heads[1]) and _same_dims(heads[0], heads[2])):
+        return m
+    b, h = heads[0]
+    masks = []
+    for t in m.masks:   # masks broadcast right-aligned: the merged dim is the third from last
+        shape = _shape_after(t)
+        if shape is None:
+            return m
+        r = len(shape)
+        if r < 3 or (isinstance(shape[r - 3], int) and shape[r - 3] == 1):
+            masks.append(t)
+        elif _static(b, h):        # [(1,) B·H, Nq, Nk] -> [B, H, Nq, Nk]
+            split = (("squeeze", (0,)),) if r == 4 else ()
+            masks.append(dataclasses.replace(t, ops=t.ops + split + (("unflatten", (0, (b, h))),)))
+        else:
+            return m
+    rules = m.rules + ["heads merged into the batch ([B·H, N, D] reshapes) -> the [B, H, N, D] "
+                       "tensors they came from (no copies)"]
+    q, k, v = (Operand(s) for s in srcs)
+    return dataclasses.replace(m, q=q, k=k, v=v, masks=masks, out_ops=(UNMERGED_OUT,),
+                               rules=rules)
+
+
+def _shape_after(t: MaskTerm) -> Optional[tuple]:
+    """The shape of mask term ``t`` after its views, from its fake value."""
+    x = C.meta(t.node)
+    if not isinstance(x, torch.Tensor):
+        return None
+    try:
+        for name, args in t.ops:
+            x = getattr(x, name)(*args)
+    except Exception:  # noqa: BLE001
+        return None
+    return tuple(x.shape) if x.dim() <= 4 else None
 
 
 def _is_zero(term: MaskTerm, ctx: Context, nq: Any, nk: Any) -> bool:

@@ -20,7 +20,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from ..kernels import registry, sdpa
 from . import canonicalize as C
-from .match import Match, Operand, net_powers
+from .match import RESHAPES, UNMERGED_OUT, Match, Operand, net_powers
 
 def _fake_mode(nodes: list[Node]) -> Any:
     for n in nodes:
@@ -238,11 +238,35 @@ def rewrite_site(gm: GraphModule, m: Match, kernel: str, note: str) -> Node:
     out = _fused(b, q, k, v, mask, scale_argument(b, m), m.causal, fill, kernel,
                  softcap_argument(b, m),
                  (int(left), int(right)))
+    fused = out
     for name, args in m.out_ops:
         out = b("call_method", name, out, *args)
     m.pv.replace_all_uses_with(out)
     erase_dead(graph, m.dead)
+    if m.out_ops == (UNMERGED_OUT,):
+        out = _fold_unflatten(graph, out, fused)
     return out
+
+
+def _fold_unflatten(graph: Graph, flat: Node, out4: Node) -> Node:
+    """``flat = out4.flatten(0, 1)`` whose one user reshapes it back to ``out4``'s shape (the
+    model splitting heads out of the batch again): that user becomes ``out4`` itself."""
+    users = list(flat.users)
+    if len(users) != 1:
+        return flat
+    u = users[0]
+    if (u.op, u.target) not in RESHAPES or not u.args or u.args[0] is not flat:
+        return flat
+    a, o = C.meta(u), C.meta(out4)
+    if not (isinstance(a, torch.Tensor) and isinstance(o, torch.Tensor)) or a.dim() != 4 \
+            or not all(x is y or (isinstance(x, int) and isinstance(y, int) and x == y)
+                       or str(x) == str(y) for x, y in zip(a.shape, o.shape)):
+        return flat
+    u.replace_all_uses_with(out4)
+    graph.erase_node(u)
+    graph.erase_node(flat)
+    return out4
+
 
 
 def rewrite_sdpa(gm: GraphModule, node: Node, q: Any, k: Any, v: Any, mask: Any, scale: Any,

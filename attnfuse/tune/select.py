@@ -9,8 +9,8 @@ For one :class:`Problem` (a site's shapes, dtype, mask, band, options):
    shapes: ``calibration``);
 3. the choice comes from, in order: a pinned table (``attnfuse.cache.pin``; never times), this
    process's memory, the on-disk cache, or timing the best few candidates on the site's shapes
-   (``triton.testing.do_bench`` on CUDA, outside graph capture; a rich progress bar when it takes
-   more than a second); without timing, the best prediction wins.
+   (back-to-back calls timed with CUDA events, outside graph capture; a rich progress bar when
+   it takes more than a second); without timing, the best prediction wins.
 
 Timing is on by default on CUDA; ``ATTNFUSE_AUTOTUNE=0`` (or ``tune=False``) turns it off, and
 ``tune=True`` also times on CPU. The winner, its timings and its config (flash's tile choice) go
@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 
 TOP_K = 3            # candidates timed per problem
 WITHIN = 4.0         # ... among those predicted within this factor of the best
+ROUNDS = 3           # interleaved timing rounds per candidate (the fastest round counts)
+ROUND_MS = 15.0      # measuring time per candidate and round
+SPIN_UP_S = 0.05     # GPU busy time before timing (clocks out of idle)
+BATCH_MS = 1.0       # least GPU time of one sample of back-to-back calls
 _MEMO: dict[str, "Choice"] = {}
 _MEMO_LOCK = threading.Lock()
 
@@ -145,8 +149,18 @@ def accuracy(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     return {"cosine": cos, "rel_l1": rel, "rmse": rmse}
 
 
-def _gate_verdicts(problem: Problem, policy: str, gate: Optional[Gate]) -> dict[str, list]:
-    """For each non-exact candidate: ``[reasons, accuracy]`` (no reasons = admitted)."""
+def _rejections(problem: Problem, name: str, q: Any, k: Any, v: Any, mask: Any) -> list[str]:
+    from ..kernels import registry
+    return registry.rejections(
+        name, q, k, v, mask, problem.causal, window=problem.window, dropout_p=problem.dropout_p,
+        softcap=problem.softcap, mask_fill=problem.mask_fill, mask_grad=problem.mask_grad,
+        source=problem.source)
+
+
+def _gate_verdicts(problem: Problem, policy: str, gate: Optional[Gate], q: Any = None,
+                   k: Any = None, v: Any = None, mask: Any = None) -> dict[str, list]:
+    """For each non-exact candidate: ``[reasons, accuracy]`` (no reasons = admitted). One that
+    cannot run the site at all (head dim, dtype, ...) is not measured: its rejections say why."""
     from ..kernels import registry
     out: dict[str, list] = {}
     for name in registry.candidates(problem.device):
@@ -158,6 +172,8 @@ def _gate_verdicts(problem: Problem, policy: str, gate: Optional[Gate]) -> dict[
             out[name] = [["inference only: the site needs gradients, an exact kernel runs it"], {}]
         elif gate is None:
             out[name] = [["no example activations to measure its accuracy on"], {}]
+        elif q is not None and _rejections(problem, name, q, k, v, mask):
+            out[name] = [[], {}]
         else:
             try:
                 acc = gate.measure(name)
@@ -285,15 +301,50 @@ def runner(problem: Problem, kernel: str) -> Callable[[], Any]:
     return train
 
 
-def _bench(fn: Callable[[], Any], device: torch.device) -> float:
-    """Median seconds of ``fn``: triton's do_bench on CUDA, a perf_counter median on CPU."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-        try:
-            return do_bench(fn, warmup=10, rep=40, return_mode="median") / 1e3
-        except TypeError:  # older triton: no return_mode
-            return do_bench(fn, warmup=10, rep=40) / 1e3
-    return _timer(device)(fn)
+def _bench(fn: Callable[[], Any], device: torch.device, rep_ms: float = 40.0) -> float:
+    """Seconds per call of ``fn``: on CUDA the median over samples of back-to-back calls (CUDA
+    events around each batch); on CPU a perf_counter median.
+
+    Back to back, as a model issues them: the host enqueues the next call while the GPU runs
+    this one, so a call costs its GPU time when the GPU is the bottleneck and its host time when
+    the host is. (``do_bench`` clears the L2 cache before every call; a short kernel then
+    waits on the host's issue of that call, which inflates small kernels by their host cost
+    and reordered ViT-sized sites. Inputs a model's previous op just wrote are in L2 anyway.)
+    Each batch runs at least ``BATCH_MS`` so event resolution and launch jitter wash out."""
+    if device.type != "cuda":
+        return _timer(device)(fn)
+
+    def batch(calls: int) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / calls
+
+    fn()
+    torch.cuda.synchronize(device)
+    per_call = max(batch(3), 1e-3)                       # ms, a first estimate
+    calls = int(min(max(BATCH_MS / per_call, 1), 10_000))
+    samples = [batch(calls)]
+    while len(samples) < 5 or (sum(samples) * calls < rep_ms and len(samples) < 100):
+        samples.append(batch(calls))
+    samples.sort()
+    return samples[len(samples) // 2] / 1e3
+
+
+def _spin_up(fn: Callable[[], Any], device: torch.device, seconds: float = SPIN_UP_S) -> None:
+    """Keep the GPU busy for ``seconds`` so its clocks leave the idle state before anything is
+    timed: a GPU idle through a compile starts at a fraction of its clock, and whichever
+    candidate is timed first would look slower than it is."""
+    if device.type != "cuda":
+        return
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(8):
+            fn()
+        torch.cuda.synchronize(device)
 
 
 def should_tune(problem: Problem, tune: Optional[bool]) -> bool:
@@ -331,33 +382,61 @@ class _Progress:
 
 
 def _time_candidates(problem: Problem, ranked: list[Candidate]) -> None:
-    """Time the best few eligible candidates: fill ``measured_ms`` (and flash's tuned configs)."""
+    """Time the best few eligible candidates: fill ``measured_ms`` (and flash's tuned configs).
+
+    After a first call of each (flash autotunes there) and a spin-up of the GPU's clocks, the
+    candidates are timed in ``ROUNDS`` interleaved rounds and each keeps its fastest round's
+    median, so a clock or thermal drift during tuning favours none of them."""
     device = torch.device(problem.device)
     best = ranked[0].predicted_ms
     chosen = [c for c in ranked if c.predicted_ms <= best * WITHIN][:TOP_K]
-    progress = _Progress(len(chosen), f"attnfuse: tuning {problem.describe()}")
+    progress = _Progress(len(chosen) * (ROUNDS + 1), f"attnfuse: tuning {problem.describe()}")
+    flash = _flash_module()
+    runners: dict[str, Callable[[], Any]] = {}
+
+    def failed(c: Candidate, e: BaseException) -> None:
+        runners.pop(c.kernel, None)
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            c.reasons.append("out of memory when timed on the site's shapes")
+            return
+        log.warning("attnfuse: timing %s on %s failed: %r", c.kernel, problem.describe(), e)
+        c.reasons.append(f"failed when timed: {e!r}")
+
     try:
-        for c in chosen:
+        for c in chosen:   # build and run each once: compiles, autotunes, and catches failures
             progress.step(c.kernel)
             try:
                 fn = runner(problem, c.kernel)
                 if c.kernel == "flash":
-                    flash = _flash_module()
                     with flash.recording() as keys:
-                        seconds = _bench(fn, device)
+                        fn()
                     c.config = {"flash": flash.tuned_configs(keys)}
                 else:
-                    seconds = _bench(fn, device)
-                c.measured_ms = seconds * 1e3
-            except torch.cuda.OutOfMemoryError:
-                c.reasons.append("out of memory when timed on the site's shapes")
-            except Exception as e:  # a kernel that fails here must not be chosen
-                log.warning("attnfuse: timing %s on %s failed: %r", c.kernel, problem.describe(), e)
-                c.reasons.append(f"failed when timed: {e!r}")
-            finally:
+                    fn()
                 if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                    torch.cuda.synchronize(device)
+                runners[c.kernel] = fn
+            except Exception as e:  # a kernel that fails here must not be chosen
+                failed(c, e)
+        if runners:
+            _spin_up(next(iter(runners.values())), device)
+        for _ in range(ROUNDS):
+            for c in chosen:
+                fn = runners.get(c.kernel)
+                if fn is None:
+                    continue
+                progress.step(c.kernel)
+                try:
+                    ms = _bench(fn, device, ROUND_MS) * 1e3
+                except Exception as e:  # noqa: BLE001
+                    failed(c, e)
+                    c.measured_ms = None
+                    continue
+                c.measured_ms = ms if c.measured_ms is None else min(c.measured_ms, ms)
     finally:
+        runners.clear()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         progress.close()
 
 
@@ -376,10 +455,7 @@ def _candidates(problem: Problem, q: Any, k: Any, v: Any, mask: Any, policy: str
     for name in registry.candidates(problem.device):
         kernel = registry.get(name)
         reasons, acc = list(verdicts.get(name, [[], {}])[0]), verdicts.get(name, [[], {}])[1]
-        reasons += registry.rejections(
-            name, q, k, v, mask, problem.causal, window=problem.window,
-            dropout_p=problem.dropout_p, softcap=problem.softcap, mask_fill=problem.mask_fill,
-            mask_grad=problem.mask_grad, source=problem.source)
+        reasons += _rejections(problem, name, q, k, v, mask)
         reasons += registry.accuracy_misses(name, q, problem.facts.training)
         if kernel.profile.materializes and problem.device == "cuda":
             need = problem.facts.b * problem.facts.hq * problem.facts.nq * problem.facts.nk * 4
@@ -409,7 +485,7 @@ def choose(problem: Problem, q: Any, k: Any, v: Any, mask: Any, *, policy: str =
     measures non-exact kernels on the site's activations (``policy="fast"``); which of them it
     admitted is part of the cache key, since another site of the same shape may not pass."""
     env = _environment_key(problem)
-    verdicts = _gate_verdicts(problem, policy, gate)
+    verdicts = _gate_verdicts(problem, policy, gate, q, k, v, mask)
     admitted = sorted(n for n, (reasons, _) in verdicts.items() if not reasons)
     key = {**env, "policy": policy, "admitted": admitted, **problem.key()}
     digest = repr(sorted(key.items()))
