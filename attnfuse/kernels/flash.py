@@ -52,8 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import (check_dropout, check_seed, check_softcap, check_window,
-                        operand_reasons)
+from .reference import (cdiv, check_dropout, check_seed, check_softcap, check_window,
+                        next_pow2, operand_reasons)
 
 try:  # TMA tensor descriptors built on the host (triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -973,7 +973,7 @@ def _fill2(mask_fill: float) -> float:
 
 def _block(n: int) -> int:
     """Padded head-dim block: next power of two, at least 16 (the smallest tl.dot size)."""
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_pow2(n))
 
 
 def _device_ctx(t: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -1027,7 +1027,7 @@ def _common(q: torch.Tensor, k: torch.Tensor, scale: Optional[float], causal: st
                 fill2=_fill2(mask_fill), offset=nk - nq if causal == "bottom_right" else 0,
                 left=left, right=right, softcap=softcap, drop_p=dropout_p,
                 keep_scale=1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0,
-                NQ_BUCKET=triton.next_power_of_2(nq), NK_BUCKET=triton.next_power_of_2(nk),
+                NQ_BUCKET=next_pow2(nq), NK_BUCKET=next_pow2(nk),
                 BANDED=int(left < _UNBOUNDED or right < _UNBOUNDED), D=d,
                 HAS_SOFTCAP=softcap > 0.0, DROPOUT=0.0 < dropout_p < 1.0,
                 PREC="ieee" if q.dtype == torch.float32 else "tf32",
@@ -1067,7 +1067,7 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     descs, desc_ok = _descriptors(q, k, v, out)
 
     def grid(meta: dict) -> tuple[int, int, int]:
-        return (triton.cdiv(nq, meta["BLOCK_M"]), hq, b)
+        return (cdiv(nq, meta["BLOCK_M"]), hq, b)
 
     args = (q, k, v, m, out, lse, seed if common["DROPOUT"] else q, *descs, *q.stride()[:3],
             *k.stride()[:3], *v.stride()[:3], *m_strides, *out.stride()[:3], *lse.stride())
@@ -1121,13 +1121,13 @@ def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         ds_arg, ds_strides = (ds, ds.stride()[:3]) if ds is not None else (q, (0, 0, 0))
 
         def grid_q(meta: dict) -> tuple[int, int, int]:
-            return (triton.cdiv(nq, meta["BLOCK_M"]), hq, b)
+            return (cdiv(nq, meta["BLOCK_M"]), hq, b)
 
         def grid_k(meta: dict) -> tuple[int, int, int]:
-            return (triton.cdiv(nk, meta["BLOCK_N"]), hkv, b)
+            return (cdiv(nk, meta["BLOCK_N"]), hkv, b)
 
         with _device_ctx(q):
-            _bwd_preprocess[(triton.cdiv(nq, _PREPROCESS_BLOCK_M), hq, b)](
+            _bwd_preprocess[(cdiv(nq, _PREPROCESS_BLOCK_M), hq, b)](
                 out, dout, delta, *out.stride()[:3], *dout.stride()[:3], nq, dv_dim,
                 BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_DV=common["BLOCK_DV"])
             _launch("dkdv", _dkdv, grid_k,
@@ -1153,7 +1153,7 @@ def dropout_keep_mask(seed: torch.Tensor, shape: tuple[int, int, int, int],
     if keep.numel():
         block_m = 16 if _INTERPRET else 64
         with _device_ctx(seed):
-            _dropout_mask_kernel[(triton.cdiv(nq, block_m), b * hq)](
+            _dropout_mask_kernel[(cdiv(nq, block_m), b * hq)](
                 keep, seed, hq, nq, nk, float(dropout_p), BLOCK_M=block_m,
                 BLOCK_N=16 if _INTERPRET else 64)
     return keep.bool()

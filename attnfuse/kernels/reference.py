@@ -65,6 +65,17 @@ def check_softcap(softcap: float) -> float:
     return cap
 
 
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for n <= 1). Plain Python: triton's own is a
+    constexpr function whose call from the host costs microseconds per launch."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for launch grids (plain Python, as ``next_pow2``)."""
+    return -(-int(a) // int(b))
+
+
 def check_window(window: tuple[int, int]) -> tuple[int, int]:
     """``window`` as a pair of ints with every negative side (unbounded) written -1; else
     ValueError."""

@@ -65,6 +65,7 @@ import triton
 import triton.language as tl
 
 from .reference import operand_reasons
+from .reference import cdiv, next_pow2
 
 __all__ = ["Quantized", "quantize", "sage_forward", "sage_reference", "supports"]
 
@@ -464,10 +465,10 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[
     mu = k.mean(dim=2, dtype=torch.float32).contiguous() if smooth else \
         torch.zeros((b, hkv, d), **f32)  # zeros: smoothing off, same code
     q8, k8 = torch.empty((b, hq, nq, d), **i8), torch.empty((b, hkv, nk, d), **i8)
-    sq = torch.empty((b, hq, triton.cdiv(nq, block_q)), **f32)
-    sk = torch.empty((b, hkv, triton.cdiv(nk, block_k)), **f32)
+    sq = torch.empty((b, hq, cdiv(nq, block_q)), **f32)
+    sk = torch.empty((b, hkv, cdiv(nk, block_k)), **f32)
     shift = torch.empty((b, hq, nq), **f32)
-    npad, vt8, sv, vmax = triton.cdiv(max(nk, 1), 16) * 16, None, None, None  # 16-byte rows
+    npad, vt8, sv, vmax = cdiv(max(nk, 1), 16) * 16, None, None, None  # 16-byte rows
     if fp8:  # written by the k/v launch, which does not run without keys (zeros then)
         new = torch.empty if k.numel() else torch.zeros
         vt8 = new((b, hkv, dv, npad), dtype=torch.float8_e4m3fn, device=dev)
@@ -478,11 +479,11 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[
     c = (1.0 / math.sqrt(d) if scale is None else float(scale)) * _LOG2E_F
     with _device_ctx(q):
         if q.numel():
-            _quant_q_kernel[(triton.cdiv(nq, tok_q), hq, b)](
+            _quant_q_kernel[(cdiv(nq, tok_q), hq, b)](
                 q, mu, q8, sq, shift, *q.stride()[:3], nq, hkv, hq // hkv, c, G=block_q, D=d,
                 BLOCK=tok_q, num_warps=4 if _INTERPRET or d <= 64 else 8)
         if k.numel():
-            _quant_kv_kernel[(triton.cdiv(nk, tok_k), hkv, b)](
+            _quant_kv_kernel[(cdiv(nk, tok_k), hkv, b)](
                 k, mu, k8, sk, v, vmax if fp8 else mu, sv if fp8 else mu, vt8 if fp8 else k8,
                 *k.stride()[:3], *v.stride()[:3], nk, npad, SUBTRACT=smooth, PV_FP8=fp8,
                 EMU_FP8=_INTERPRET, G=block_k, D=d, DV=dv, BLOCK=tok_k,
@@ -547,13 +548,13 @@ def sage_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             qz.v_scale if fp8 else qz.q_scale, m, out, lse, *v.stride()[:3], *m_strides,
             hq, hq // hkv, nq, nk, npad, _fill2(mask_fill),
             nk - nq if causal == "bottom_right" else 0)
-    kwargs = dict(NQ_BUCKET=triton.next_power_of_2(nq), NK_BUCKET=triton.next_power_of_2(nk),
+    kwargs = dict(NQ_BUCKET=next_pow2(nq), NK_BUCKET=next_pow2(nk),
                   CAUSAL=causal != "none", PV_FP8=fp8, EMU_FP8=_INTERPRET,
                   EMU_BF16=_INTERPRET and q.dtype == torch.bfloat16, QBLOCK_Q=block_q,
                   QBLOCK_K=block_k, D=d, DV=dv, **mask_flags)
 
     def grid(meta: dict) -> tuple[int, int, int]:
-        return (triton.cdiv(nq, meta["BLOCK_M"]), hq, b)
+        return (cdiv(nq, meta["BLOCK_M"]), hq, b)
 
     with _device_ctx(q):
         _launch(grid, args, kwargs, block_n, q.dtype)

@@ -42,6 +42,7 @@ from .flash import (_band, _block, _bwd_preprocess, _device_ctx, _fill2, _for_st
                     _masked_scores2, _operand)
 from .flash import _mask_args as flash_mask_args
 from .reference import NO_WINDOW, band_offset, check_window, operand_reasons
+from .reference import cdiv
 from .sparse_layout import (BlockLayout, band_sides, default_block, layout_from_block_mask,
                             layout_from_blocks)
 
@@ -523,7 +524,7 @@ def sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Bl
     common = _common(q, k, v, layout, scale, causal, mask_fill, window)
 
     def grid(meta: dict) -> tuple[int, int, int]:
-        return (triton.cdiv(nq, meta["BLOCK_M"]), hq, b)
+        return (cdiv(nq, meta["BLOCK_M"]), hq, b)
 
     args = (q, k, v, m, out, lse, *_list_args(layout.kv_lists())[:4], *q.stride()[:3],
             *k.stride()[:3], *v.stride()[:3], *m_strides, *out.stride()[:3], *lse.stride(),
@@ -563,13 +564,13 @@ def sparse_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     kv_args, q_args = _list_args(layout.kv_lists()), _list_args(layout.q_lists())
 
     def grid_q(meta: dict) -> tuple[int, int, int]:
-        return (triton.cdiv(nq, meta["BLOCK_M"]), hq, b)
+        return (cdiv(nq, meta["BLOCK_M"]), hq, b)
 
     def grid_k(meta: dict) -> tuple[int, int, int]:
-        return (triton.cdiv(nk, meta["BLOCK_N"]), hkv, b)
+        return (cdiv(nk, meta["BLOCK_N"]), hkv, b)
 
     with _device_ctx(q):
-        _bwd_preprocess[(triton.cdiv(nq, _PREPROCESS_BLOCK_M), hq, b)](
+        _bwd_preprocess[(cdiv(nq, _PREPROCESS_BLOCK_M), hq, b)](
             out, dout, delta, *out.stride()[:3], *dout.stride()[:3], nq, v.shape[3],
             BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_DV=common["BLOCK_DV"])
         _launch("dkdv", _dkdv, _DKDV, grid_k,

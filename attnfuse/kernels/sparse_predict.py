@@ -48,6 +48,7 @@ import triton.language as tl
 
 from . import sparse
 from .reference import NO_WINDOW, band_offset, check_window
+from .reference import cdiv, next_pow2
 from .sparse_layout import (BlockLayout, band_sides, block_structure, default_block)
 
 __all__ = ["predict", "predict_reference", "pool", "MaskReuse", "SparseConfig"]
@@ -269,7 +270,7 @@ def pool(q: torch.Tensor, k: torch.Tensor, size: tuple[int, int], *, rows: Optio
     hkv, nk = k.shape[1], k.shape[2]
     sq, sk = size
     nqs, nks = -(-nq // sq), -(-nk // sk)
-    bd = max(16, triton.next_power_of_2(d))
+    bd = max(16, next_pow2(d))
     pq = torch.empty((b, hq, nqs, bd), dtype=torch.float32, device=q.device)
     pk = torch.empty((b, hkv, nks, bd), dtype=torch.float32, device=q.device)
     ck = torch.empty((b, hkv, nks), dtype=torch.float32, device=q.device)
@@ -277,13 +278,13 @@ def pool(q: torch.Tensor, k: torch.Tensor, size: tuple[int, int], *, rows: Optio
         return pq, pk, ck.zero_()
     rq, rk = (sq, sk) if rows is None else (min(rows, sq), min(rows, sk))
     # RC rows of G pieces per load (32 rows); pieces read in RC-row steps.
-    rc = min(32, triton.next_power_of_2(min(rq, rk)))
+    rc = min(32, next_pow2(min(rq, rk)))
     g = max(1, 32 // rc)
     rq, rk = -(-rq // rc) * rc, -(-rk // rc) * rc
     keep_arg, keep_strides = (keep, (keep.stride(0) if keep.shape[0] > 1 else 0, keep.stride(1))) \
         if keep is not None else (q, (0, 0))
     with sparse._device_ctx(q):
-        _pool_kernel[(triton.cdiv(max(nqs, nks, 1), g), hq + hkv, b)](
+        _pool_kernel[(cdiv(max(nqs, nks, 1), g), hq + hkv, b)](
             q, k, keep_arg, pq, pk, ck, *q.stride()[:3], *k.stride()[:3], *keep_strides, hq, nq,
             nk, nqs, nks, D=d, HAS_KEEP=keep is not None, SQ_=sq, SK_=sk, RD_Q=rq, RD_K=rk,
             RC=rc, G=g, BLOCK_D=bd, num_warps=4)
@@ -330,7 +331,7 @@ def predict(q: torch.Tensor, k: torch.Tensor, tau: float, *, causal: str = "none
     left, right = band_sides(causal, window)
     offset = band_offset(causal, nq, nk)
     group = hq // k.shape[1]
-    nkb_p2 = max(16, triton.next_power_of_2(nkb))
+    nkb_p2 = max(16, next_pow2(nkb))
     p = q  # unused with tau >= 1: every allowed block is kept
     with sparse._device_ctx(q):
         if tau < 1.0:
@@ -338,12 +339,12 @@ def predict(q: torch.Tensor, k: torch.Tensor, tau: float, *, causal: str = "none
             # 64 piece rows against 64 key pieces per step (32 rows for head dims over 128).
             pieces = 64 if pq.shape[3] <= 128 else 32
             rows, kc = max(1, pieces // sub), max(1, 64 // sub)
-            _score_kernel[(triton.cdiv(nqb, rows), hq, b)](
+            _score_kernel[(cdiv(nqb, rows), hq, b)](
                 pq, pk, ck, p, hq, group, nq, nk, nqb, nkb, pq.shape[2], pk.shape[2],
                 scale * _LOG2E_F, offset, left, right, PM=pm, PN=pn, SQ=sub, SK=sub, ROWS=rows,
                 KC=kc, BLOCK_D=pq.shape[3], num_warps=4 if pq.shape[3] <= 64 else 8)
         rows = max(16, min(64, 8192 // nkb_p2))  # query blocks per program: a bounded tile
-        _select_kernel[(triton.cdiv(nqb, rows), hq, b)](
+        _select_kernel[(cdiv(nqb, rows), hq, b)](
             p, ck, state, cnts[0], idxs[0], cnts[1], idxs[1], hq, group, nq, nk, nqb, nkb,
             pk.shape[2], offset, left, right, float(tau), MB_M=mb_m, MB_N=mb_n, SK=sub,
             KEEP_ALL=tau >= 1.0, KEEP_FIRST=keep_first, ROWS=rows, NKB_P2=nkb_p2,
