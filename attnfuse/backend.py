@@ -446,12 +446,12 @@ def _cacheable_calls() -> dict[str, Any]:
     if not isinstance(marked, dict):
         return {}
     name = f"{sdpa.call.__module__}.{sdpa.call.__name__}"
-    if name not in _SDPA_DIGEST:
-        _SDPA_DIGEST[name] = hashlib.sha256(Path(sdpa.__file__).read_bytes()).hexdigest()[:16]
-    return {"unsafe_marked_cacheable_functions": {**marked, name: _SDPA_DIGEST[name]}}
+    return {"unsafe_marked_cacheable_functions": {**marked, name: _sdpa_source_digest()}}
 
 
-_SDPA_DIGEST: dict[str, str] = {}
+@functools.lru_cache(maxsize=1)
+def _sdpa_source_digest() -> str:
+    return hashlib.sha256(Path(sdpa.__file__).read_bytes()).hexdigest()[:16]
 
 
 def attnfuse_backend(gm: GraphModule, example_inputs: Sequence[Any], *,

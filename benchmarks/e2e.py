@@ -548,7 +548,9 @@ def measure(step: Callable[[], Any], device: torch.device, t: Timing) -> tuple[l
 
 def top_kernels(step: Callable[[], Any], calls: int, keep: int = 12) -> list[dict]:
     """The GPU kernels of ``calls`` calls of ``step`` by total device time (torch.profiler):
-    where two variants' latencies differ, this says which kernels differ."""
+    where two variants' latencies differ, this says which kernels differ. Device events only: a
+    CPU op's self device time is that of the kernels it launched, which are listed themselves."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
@@ -556,6 +558,8 @@ def top_kernels(step: Callable[[], Any], calls: int, keep: int = 12) -> list[dic
         torch.cuda.synchronize()
     rows = []
     for e in prof.key_averages():
+        if getattr(e, "device_type", DeviceType.CUDA) != DeviceType.CUDA:
+            continue
         us = getattr(e, "self_device_time_total", None)
         if us is None:
             us = getattr(e, "self_cuda_time_total", 0)

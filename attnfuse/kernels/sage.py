@@ -64,8 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import operand_reasons
-from .reference import cdiv, next_pow2
+from .reference import cdiv, next_pow2, operand_reasons
 
 __all__ = ["Quantized", "quantize", "sage_forward", "sage_reference", "supports"]
 

@@ -41,8 +41,7 @@ from .flash import (_band, _block, _bwd_preprocess, _device_ctx, _fill2, _for_st
                     _is_interpreted, _keep_bool, _load, _load_lse2, _lowp, _mask_row,
                     _masked_scores2, _operand)
 from .flash import _mask_args as flash_mask_args
-from .reference import NO_WINDOW, band_offset, check_window, operand_reasons
-from .reference import cdiv
+from .reference import NO_WINDOW, band_offset, cdiv, check_window, operand_reasons
 from .sparse_layout import (BlockLayout, band_sides, default_block, layout_from_block_mask,
                             layout_from_blocks)
 

@@ -47,8 +47,7 @@ import triton
 import triton.language as tl
 
 from . import sparse
-from .reference import NO_WINDOW, band_offset, check_window
-from .reference import cdiv, next_pow2
+from .reference import NO_WINDOW, band_offset, cdiv, check_window, next_pow2
 from .sparse_layout import (BlockLayout, band_sides, block_structure, default_block)
 
 __all__ = ["predict", "predict_reference", "pool", "MaskReuse", "SparseConfig"]

@@ -542,7 +542,8 @@ def _static(*xs: Any) -> bool:
     return all(isinstance(x, int) for x in xs)
 
 
-def _same_dims(a: Sequence[Any], b: Sequence[Any]) -> bool:
+def same_dims(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    """Equal sizes: the same int, the same symbol, or the same printed expression."""
     if len(a) != len(b):
         return False
     return all(x is y or (_static(x, y) and x == y) or str(x) == str(y) for x, y in zip(a, b))
@@ -580,7 +581,7 @@ def _sizes(dims: Sequence[Any]) -> Optional[tuple]:
 
 def _rebatch(src: tuple, dst: tuple) -> Union[tuple[Step, ...], Reject]:
     """Views from batch dims ``src`` to ``dst`` (same number of elements), last two dims kept."""
-    if _same_dims(src, dst):
+    if same_dims(src, dst):
         return ()
     steps: list[Step] = []
     if len(src) == 0:
@@ -608,7 +609,7 @@ def _mask_ops(term: MaskTerm, smb: tuple) -> Union[tuple[Step, ...], Reject]:
     if all(isinstance(d, int) and d == 1 for d in lead):
         # Broadcast over every batch dim: only its rank may need trimming for the op's 4 dims.
         return (("flatten", (0, m.dim() - 4)),) if m.dim() > 4 else ()
-    if _same_dims(term.domain, smb) and len(smb) <= 2:
+    if same_dims(term.domain, smb) and len(smb) <= 2:
         return ()
     if not _static(*term.domain) or m.dim() < 2:
         return Reject("a mask on reshaped scores with dynamic batch dims; not fused")
@@ -630,12 +631,12 @@ def _swap_last2(perm: tuple) -> tuple:
 
 def _broadcast_heads(qm: Any, km: Any, vm: Any, qk_b: tuple, pv_b: tuple, smb: tuple) -> bool:
     """K and V of one head that the matmuls broadcast over the query heads (Falcon's MQA)."""
-    if not (len(smb) == 2 and _same_dims(qk_b, smb) and _same_dims(pv_b, smb)
-            and km.dim() == vm.dim() == qm.dim() == 4 and _same_dims(qm.shape[:-2], smb)):
+    if not (len(smb) == 2 and same_dims(qk_b, smb) and same_dims(pv_b, smb)
+            and km.dim() == vm.dim() == qm.dim() == 4 and same_dims(qm.shape[:-2], smb)):
         return False
     one = lambda t: isinstance(t.shape[1], int) and t.shape[1] == 1  # noqa: E731
     return (one(km) and one(vm) and isinstance(qm.shape[1], int) and qm.shape[1] > 1
-            and _same_dims(km.shape[:1], smb[:1]) and _same_dims(vm.shape[:1], smb[:1]))
+            and same_dims(km.shape[:1], smb[:1]) and same_dims(vm.shape[:1], smb[:1]))
 
 
 def _fold_repeats(k: Operand, v: Operand, rules: list[str]) -> tuple[Operand, Operand, int]:
@@ -745,8 +746,8 @@ def _finish(sm: Node, r: C.Reading, pv: Node, pv_read: C.Reading, qk: Node, q: O
     broadcast_kv = _broadcast_heads(qm, km, vm, qk_b, pv_b, smb)
     if broadcast_kv:
         rules.append(f"K/V with one head broadcast over {qm.shape[1]} query heads->MQA")
-    elif not (_same_dims(qm.shape[:-2], qk_b) and _same_dims(km.shape[:-2], qk_b)
-              and _same_dims(vm.shape[:-2], pv_b)):
+    elif not (same_dims(qm.shape[:-2], qk_b) and same_dims(km.shape[:-2], qk_b)
+              and same_dims(vm.shape[:-2], pv_b)):
         return Reject(f"batch/head dims differ: q {tuple(qm.shape)}, k {tuple(km.shape)}, "
                       f"v {tuple(vm.shape)} (broadcast K/V); not fused")
     if not (qm.dtype == km.dtype == vm.dtype == outm.dtype):
@@ -755,7 +756,7 @@ def _finish(sm: Node, r: C.Reading, pv: Node, pv_read: C.Reading, qk: Node, q: O
     if qm.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         return Reject(f"dtype {qm.dtype} is not a floating type")
     groups = qm.shape[1] if broadcast_kv else 1
-    if not broadcast_kv and _same_dims(qk_b, smb) and _same_dims(pv_b, smb) and len(smb) == 2:
+    if not broadcast_kv and same_dims(qk_b, smb) and same_dims(pv_b, smb) and len(smb) == 2:
         k, v, groups = _fold_repeats(k, v, rules)
     to_op = _to_op(smb)
     parts = [_rebatch(qk_b, smb), _rebatch(pv_b, smb), _from_op(smb), _rebatch(smb, pv_b)]
@@ -818,7 +819,7 @@ def merged_from(node: Node) -> Optional[Node]:
     s, d = C.meta(src), C.meta(node)
     if not (isinstance(s, torch.Tensor) and isinstance(d, torch.Tensor)):
         return None
-    if s.dim() != 4 or d.dim() != 3 or not _same_dims(d.shape[1:], s.shape[2:]):
+    if s.dim() != 4 or d.dim() != 3 or not same_dims(d.shape[1:], s.shape[2:]):
         return None
     return src if _known_equal(d.shape[0], s.shape[0] * s.shape[1]) else None
 
@@ -839,7 +840,7 @@ def unmerge_heads(m: Match) -> Match:
     if any(s is None for s in srcs):
         return m
     heads = [tuple(C.meta(s).shape[:2]) for s in srcs]
-    if not (_same_dims(heads[0], heads[1]) and _same_dims(heads[0], heads[2])):
+    if not (same_dims(heads[0], heads[1]) and same_dims(heads[0], heads[2])):
         return m
     b, h = heads[0]
     masks = []

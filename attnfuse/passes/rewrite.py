@@ -20,7 +20,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from ..kernels import registry, sdpa
 from . import canonicalize as C
-from .match import RESHAPES, UNMERGED_OUT, Match, Operand, net_powers
+from .match import RESHAPES, UNMERGED_OUT, Match, Operand, net_powers, same_dims
 
 def _fake_mode(nodes: list[Node]) -> Any:
     for n in nodes:
@@ -258,15 +258,13 @@ def _fold_unflatten(graph: Graph, flat: Node, out4: Node) -> Node:
     if (u.op, u.target) not in RESHAPES or not u.args or u.args[0] is not flat:
         return flat
     a, o = C.meta(u), C.meta(out4)
-    if not (isinstance(a, torch.Tensor) and isinstance(o, torch.Tensor)) or a.dim() != 4 \
-            or not all(x is y or (isinstance(x, int) and isinstance(y, int) and x == y)
-                       or str(x) == str(y) for x, y in zip(a.shape, o.shape)):
+    if not (isinstance(a, torch.Tensor) and isinstance(o, torch.Tensor)) \
+            or not same_dims(a.shape, o.shape):
         return flat
     u.replace_all_uses_with(out4)
     graph.erase_node(u)
     graph.erase_node(flat)
     return out4
-
 
 
 def rewrite_sdpa(gm: GraphModule, node: Node, q: Any, k: Any, v: Any, mask: Any, scale: Any,
