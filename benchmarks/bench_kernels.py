@@ -99,6 +99,9 @@ CASES = [
     _case(2, 16, 2, 1000, 1000, 128, 128, "top_left", None, "bf16"),
     # fp16 at the common head dim
     _case(2, 4, 4, 1000, 1000, 128, 128, "none", None, "fp16"),
+    # dense masks with 16-byte aligned rows: the forward reads their tiles through TMA
+    _case(2, 8, 8, 1000, 1000, 128, 128, "none", "additive", "bf16"),
+    _case(1, 4, 4, 1024, 1024, 128, 128, "top_left", "bool", "bf16"),
 ]
 
 

@@ -39,6 +39,12 @@ Parts (``--parts``, comma list; default ``prefill,train``):
   fails as ``error`` with the exception. Every variant's output is compared with the ``sdpa``
   variant's (``rel err`` = ‖out − ref‖ / ‖ref‖; last-token logits, ViT logits, the denoiser's
   output; in training the gradient of layer 0's q_proj weight).
+  ``--interleave ROUNDS``: every variant of a case stays in memory after its own timing, then
+  all are timed again in ROUNDS rounds that take them in turn (order rotating), each round
+  about 100 ms of back-to-back calls per variant; latency = the median round (the sequential
+  median stays in the JSON as ``seq_latency_ms``). Where variants differ by less than the
+  drift of clocks and host between their sequential timings, this is the fair comparison.
+  Memory is then counted above what the other variants hold.
   ``× eager`` = eager latency / latency; ``× best other`` = the best latency of the variants that
   are not attnfuse's (eager, sdpa, inductor, inductor_sdpa), itself excluded, / latency.
 - ``compile``: optimize's own overhead. Each of ``inductor`` and ``attnfuse`` compiles the eager
@@ -571,8 +577,11 @@ def top_kernels(step: Callable[[], Any], calls: int, keep: int = 12) -> list[dic
         + rows[:keep]
 
 
-def run_variant(case: Case, variant: str, env: Env, timing: Timing) -> tuple[dict, Any]:
-    """Build, compile, time and free one variant; returns its record and its small output."""
+def run_variant(case: Case, variant: str, env: Env, timing: Timing,
+                keep: Optional[dict[str, Callable[[], Any]]] = None) -> tuple[dict, Any]:
+    """Build, compile, time and free one variant; returns its record and its small output.
+    With ``keep``, a variant that ran is not freed: its step goes into ``keep`` (for
+    :func:`interleaved`), and its memory is counted above what was allocated before its build."""
     dev = env.device
     rec: dict[str, Any] = dict(model=case.model, part=case.part, case=case.label,
                                variant=variant, n=case.n, batch=case.batch, unit=case.unit,
@@ -582,11 +591,15 @@ def run_variant(case: Case, variant: str, env: Env, timing: Timing) -> tuple[dic
     t_start = time.perf_counter()
     with attnfuse_warnings() as warned:
         try:
+            base = 0.0
+            if dev.type == "cuda" and keep:   # other variants' models are still allocated
+                _sync(dev)
+                base = torch.cuda.memory_allocated(dev) / GIB
             model = case.build(impl_of(variant))
             inputs = case.inputs()
             if dev.type == "cuda":
                 _sync(dev)
-                rec["static_gib"] = torch.cuda.memory_allocated(dev) / GIB
+                rec["static_gib"] = torch.cuda.memory_allocated(dev) / GIB - base
                 torch.cuda.reset_peak_memory_stats(dev)
             t0 = time.perf_counter()
             fn = make_compiled(case, variant, model, inputs)
@@ -596,14 +609,14 @@ def run_variant(case: Case, variant: str, env: Env, timing: Timing) -> tuple[dic
             _sync(dev)
             rec["first_call_s"] = time.perf_counter() - t0
             if dev.type == "cuda":
-                rec["first_peak_gib"] = torch.cuda.max_memory_allocated(dev) / GIB
+                rec["first_peak_gib"] = torch.cuda.max_memory_allocated(dev) / GIB - base
                 torch.cuda.reset_peak_memory_stats(dev)
             times, out = measure(step, dev, timing)
             rec.update(status="ok", latency_ms=statistics.median(times), reps=len(times),
                        spread_ms=[min(times), max(times)])
             rec["throughput"] = case.items / (rec["latency_ms"] / 1000)
             if dev.type == "cuda":
-                rec["peak_gib"] = torch.cuda.max_memory_allocated(dev) / GIB
+                rec["peak_gib"] = torch.cuda.max_memory_allocated(dev) / GIB - base
             if timing.profile:
                 rec["kernels"] = top_kernels(step, timing.profile)
             output = case.output(out, model).detach().to("cpu", torch.float32)
@@ -613,6 +626,8 @@ def run_variant(case: Case, variant: str, env: Env, timing: Timing) -> tuple[dic
             report = getattr(fn, "attnfuse_report", None)
             if report is not None:
                 rec["attnfuse"] = report_summary(report)
+            if keep is not None:
+                keep[variant] = step
         except Exception as e:  # noqa: BLE001  (OOM and every failure are results here)
             if is_oom(e):
                 rec.update(status="OOM", error=_short(e))
@@ -624,9 +639,56 @@ def run_variant(case: Case, variant: str, env: Env, timing: Timing) -> tuple[dic
         finally:
             rec["warnings"] = list(warned)
     del model, fn, step
-    cleanup(dev)
+    if keep is None:
+        cleanup(dev)
+    else:   # Dynamo's caches stay: the kept variants' compiled code must not recompile
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     rec["seconds"] = time.perf_counter() - t_start
     return rec, output
+
+
+def interleaved(steps: dict[str, Callable[[], Any]], device: torch.device, rounds: int,
+                t: Timing, round_ms: float = 100.0) -> dict[str, list[float]]:
+    """Milliseconds per call of each step, timed in ``rounds`` rounds that take the variants in
+    turn (the order rotating each round), so slow drifts of the GPU's clocks and of the host
+    fall on every variant alike. In a round a variant makes one untimed call, then about
+    ``round_ms`` of calls back to back (no sync between them: the host queues the next call
+    while the GPU runs, as in serving) timed as one span; its sample is the span / calls."""
+    names = list(steps)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < (t.warm_seconds if device.type == "cuda" else 0.0):
+        for v in names:   # clocks out of idle before anything counts
+            steps[v]()
+    _sync(device)
+    each = {}
+    for v in names:
+        s0 = time.perf_counter()
+        steps[v]()
+        _sync(device)
+        each[v] = max(time.perf_counter() - s0, 1e-6) * 1000
+    times: dict[str, list[float]] = {v: [] for v in names}
+    for r in range(rounds):
+        for v in names[r % len(names):] + names[:r % len(names)]:
+            calls = max(1, min(50, round(round_ms / each[v])))
+            steps[v]()
+            _sync(device)
+            if device.type == "cuda":
+                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                for _ in range(calls):
+                    steps[v]()
+                end.record()
+                end.synchronize()
+                span = start.elapsed_time(end)
+            else:
+                s0 = time.perf_counter()
+                for _ in range(calls):
+                    steps[v]()
+                span = 1000 * (time.perf_counter() - s0)
+            times[v].append(span / calls)
+    return times
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> Optional[float]:
@@ -1203,6 +1265,7 @@ def run(args: argparse.Namespace, env: Env) -> list[dict]:
         for case in cases:
             outputs: dict[str, torch.Tensor] = {}
             case_records: list[dict] = []
+            keep: Optional[dict[str, Callable[[], Any]]] = {} if args.interleave else None
             for v in variants:
                 if case.train and v in TRAIN_SKIP:
                     continue
@@ -1211,11 +1274,32 @@ def run(args: argparse.Namespace, env: Env) -> list[dict]:
                                n=case.n, batch=case.batch, unit=case.unit,
                                status="not run (budget)")
                 else:
-                    rec, out = run_variant(case, v, env, timing)
+                    rec, out = run_variant(case, v, env, timing, keep)
                     if out is not None:
                         outputs[v] = out
                 case_records.append(rec)
                 add(rec)
+            if keep:
+                for rec in case_records:   # the sequential numbers stay in the JSON
+                    if rec["variant"] in keep:
+                        rec["seq_latency_ms"] = rec["latency_ms"]
+                        rec["seq_spread_ms"] = rec["spread_ms"]
+                try:
+                    samples = interleaved(keep, env.device, args.interleave, timing)
+                except Exception as e:  # noqa: BLE001
+                    print(f"    interleaved timing failed: {_short(e)}", flush=True)
+                    samples = {}
+                for rec in case_records:
+                    ms = samples.get(rec["variant"])
+                    if ms:
+                        rec.update(latency_ms=statistics.median(ms), spread_ms=[min(ms), max(ms)],
+                                   reps=len(ms), timing="interleaved",
+                                   throughput=case.items / (statistics.median(ms) / 1000))
+                        print(f"    interleaved {rec['variant']}: {rec['latency_ms']:.2f} ms "
+                              f"(sequential {rec['seq_latency_ms']:.2f}; rounds "
+                              f"{min(ms):.2f}-{max(ms):.2f})", flush=True)
+                keep.clear()
+                cleanup(env.device)
             ref = next((v for v in ("sdpa", "eager", *variants) if v in outputs), None)
             for rec in case_records:
                 if ref is not None and rec["variant"] in outputs:
@@ -1311,6 +1395,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--reps", type=int, default=10, help="most timed calls per variant (10)")
     p.add_argument("--rep-seconds", type=float, default=3.0,
                    help="stop timing a variant after this many seconds (after 3 calls)")
+    p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                   help="also time all variants of a case in ROUNDS alternating rounds (all "
+                        "kept in memory at once); latency = their median")
     p.add_argument("--profile", type=int, default=0, metavar="CALLS",
                    help="CUDA: also record each variant's top kernels over CALLS calls")
     p.add_argument("--budget", type=float, default=None,

@@ -1,10 +1,16 @@
 """Exploration: which forward structure is fastest on this GPU (pointer vs tensor descriptors,
-warp specialization, blocks, stages). Core loop only (no user masks). Prints a table."""
+warp specialization, lazy rescaling, a software-pipelined loop, blocks, stages). Core loop only
+(no user masks). Prints a table.
+
+``PIPE``: FlashAttention-3's intra-warpgroup order for the unmasked tiles. Q·Kᵀ of tile j+1 is
+issued before P·V of tile j, and tile j+1's softmax comes after both, so that (if the compiler
+leaves the second dot in flight) the exponentials overlap the P·V matmul; the accumulator is
+rescaled after that. ``python benchmarks/explore_fwd.py --shapes 128:4k:0,64:16k:0 --variants
+0000,1001`` (variant digits: desc, ws, lazy, pipe)."""
 from __future__ import annotations
 
 import itertools
 import math
-import sys
 import time
 
 import torch
@@ -80,10 +86,65 @@ def _inner(acc, l_i, m_i, q, K, V, desc_k, desc_v, b, hk, offs_m, lo, hi, skn, s
 
 
 @triton.jit
+def _kt(K, desc_k, b, hk, start_n, skn, offs_d, D: tl.constexpr, USE_DESC: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    if USE_DESC:
+        kT = desc_k.load([b.to(tl.int32), hk.to(tl.int32), start_n, 0]).reshape(BLOCK_N, BLOCK_D).T
+    else:
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kT = tl.load(K + offs_n[None, :] * skn + offs_d[:, None], mask=offs_d[:, None] < D,
+                     other=0.0)
+    return kT
+
+
+@triton.jit
+def _vt(V, desc_v, b, hk, start_n, svn, offs_d, D: tl.constexpr, USE_DESC: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    if USE_DESC:
+        v = desc_v.load([b.to(tl.int32), hk.to(tl.int32), start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+    else:
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :], mask=offs_d[None, :] < D,
+                    other=0.0)
+    return v
+
+
+@triton.jit
+def _inner_pipe(acc, l_i, m_i, q, K, V, desc_k, desc_v, b, hk, lo, hi, skn, svn, qk2,
+                USE_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, D: tl.constexpr):
+    """Unmasked tiles [lo, hi), software-pipelined across the two matmuls (see PIPE)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    if lo < hi:
+        s = tl.dot(q, _kt(K, desc_k, b, hk, lo, skn, offs_d, D, USE_DESC, BLOCK_N, BLOCK_D))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk2)
+        p = tl.math.exp2(s * qk2 - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+        for start_n in tl.range(lo, hi - BLOCK_N, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            s = tl.dot(q, _kt(K, desc_k, b, hk, start_n + BLOCK_N, skn, offs_d, D, USE_DESC,
+                               BLOCK_N, BLOCK_D))
+            v = _vt(V, desc_v, b, hk, start_n, svn, offs_d, D, USE_DESC, BLOCK_N, BLOCK_D)
+            acc = tl.dot(p.to(v.dtype), v, acc)
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk2)
+            p = tl.math.exp2(s * qk2 - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            m_i = m_new
+        v = _vt(V, desc_v, b, hk, hi - BLOCK_N, svn, offs_d, D, USE_DESC, BLOCK_N, BLOCK_D)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _fwd(Q, K, V, Out, desc_q, desc_k, desc_v, desc_o, sqb, sqh, sqm, skb, skh, skn,
          svb, svh, svn, sob, soh, som, H, NQ, NK, qk2, offset,
          CAUSAL: tl.constexpr, USE_DESC: tl.constexpr, WS: tl.constexpr, REVERSE: tl.constexpr,
-         LAZY: tl.constexpr,
+         LAZY: tl.constexpr, PIPE: tl.constexpr,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
     pid = tl.program_id(0)
     if REVERSE:
@@ -110,8 +171,13 @@ def _fwd(Q, K, V, Out, desc_q, desc_k, desc_v, desc_o, sqb, sqh, sqm, skb, skh, 
     else:
         hi = NK
         lo = NK // BLOCK_N * BLOCK_N
-    acc, l_i, m_i = _inner(acc, l_i, m_i, q, K, V, desc_k, desc_v, b, hk, offs_m, 0, lo, skn, svn,
-                           NK, qk2, offset, False, CAUSAL, USE_DESC, WS, LAZY, BLOCK_M, BLOCK_N, BLOCK_D, D)
+    if PIPE:
+        acc, l_i, m_i = _inner_pipe(acc, l_i, m_i, q, K, V, desc_k, desc_v, b, hk, 0, lo, skn, svn,
+                                    qk2, USE_DESC, BLOCK_M, BLOCK_N, BLOCK_D, D)
+    else:
+        acc, l_i, m_i = _inner(acc, l_i, m_i, q, K, V, desc_k, desc_v, b, hk, offs_m, 0, lo, skn,
+                               svn, NK, qk2, offset, False, CAUSAL, USE_DESC, WS, LAZY, BLOCK_M,
+                               BLOCK_N, BLOCK_D, D)
     acc, l_i, m_i = _inner(acc, l_i, m_i, q, K, V, desc_k, desc_v, b, hk, offs_m, lo, hi, skn, svn,
                            NK, qk2, offset, True, CAUSAL, USE_DESC, False, LAZY, BLOCK_M, BLOCK_N, BLOCK_D, D)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -123,7 +189,7 @@ def _fwd(Q, K, V, Out, desc_q, desc_k, desc_v, desc_o, sqb, sqh, sqm, skb, skh, 
                  mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < D))
 
 
-def run(q, k, v, causal, use_desc, ws, rev, bm, bn, warps, stages, lazy=False):
+def run(q, k, v, causal, use_desc, ws, rev, bm, bn, warps, stages, lazy=False, pipe=False):
     b, h, n, d = q.shape
     out = torch.empty_like(q)
     bd = max(16, triton.next_power_of_2(d))
@@ -139,7 +205,7 @@ def run(q, k, v, causal, use_desc, ws, rev, bm, bn, warps, stages, lazy=False):
                k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                out.stride(0), out.stride(1), out.stride(2), h, n, n,
                (1 / math.sqrt(d)) * 1.4426950408889634, 0, CAUSAL=causal, USE_DESC=use_desc,
-               WS=ws, REVERSE=rev, LAZY=lazy, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, D=d, num_warps=warps,
+               WS=ws, REVERSE=rev, LAZY=lazy, PIPE=pipe, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, D=d, num_warps=warps,
                num_stages=stages)
     return out
 
@@ -149,13 +215,29 @@ def bench(fn):
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def _n(text):
+    return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
+
+
 def main():
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="128:4k:0,128:4k:1,64:4k:0,128:1k:1,128:16k:0",
+                    help="d:N:causal, comma list")
+    ap.add_argument("--configs", default="128x64w4s3,128x64w8s3,128x128w8s2,128x128w8s3,"
+                                         "128x64w4s4,64x64w4s3,128x64w8s4")
+    ap.add_argument("--variants", default="0000,1000,0100,1100,1010,0110",
+                    help="digits desc, ws, lazy, pipe")
+    args = ap.parse_args()
     dev = "cuda"
-    shapes = [(128, 4096, False), (128, 4096, True), (64, 4096, False), (128, 1024, True),
-              (128, 16384, False)]
-    configs = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
-               (128, 64, 4, 4), (64, 64, 4, 3), (128, 64, 8, 4)]
-    variants = [(0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0), (1, 0, 1), (0, 1, 1)]
+    shapes = [(int(d), _n(n), c == "1") for d, n, c in (x.split(":") for x in args.shapes.split(","))]
+    configs = []
+    for c in args.configs.split(","):
+        bmn, rest = c.split("w")
+        w, st = rest.split("s")
+        bm, bn = bmn.split("x")
+        configs.append((int(bm), int(bn), int(w), int(st)))
+    variants = [tuple(int(ch) for ch in x) for x in args.variants.split(",")]
     rows = []
     t0 = time.time()
     for d, n, causal in shapes:
@@ -166,16 +248,16 @@ def main():
             ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
             tc = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
         flops = 4 * b * h * n * n * d / (2 if causal else 1)
-        best = None
-        for (bm, bn, w, st), (desc, ws, lazy) in itertools.product(configs, variants):
+        for (bm, bn, w, st), (desc, ws, lazy, pipe) in itertools.product(configs, variants):
             if d == 64 and bn == 128 and w == 4:
                 continue
-            name = f"{bm}x{bn} w{w} s{st} desc{desc} ws{ws} lazy{lazy}"
+            name = f"{bm}x{bn} w{w} s{st} desc{desc} ws{ws} lazy{lazy} pipe{pipe}"
             try:
-                o = run(q, k, v, causal, bool(desc), bool(ws), causal, bm, bn, w, st, bool(lazy))
+                o = run(q, k, v, causal, bool(desc), bool(ws), causal, bm, bn, w, st, bool(lazy),
+                        bool(pipe))
                 err = (o.float() - ref.float()).abs().max().item()
                 t = bench(lambda: run(q, k, v, causal, bool(desc), bool(ws), causal, bm, bn, w, st,
-                                      bool(lazy)))
+                                      bool(lazy), bool(pipe)))
             except Exception as e:  # noqa: BLE001
                 print(f"{d} {n} {causal} {name}: FAIL {type(e).__name__}: {str(e).splitlines()[0][:150]}",
                       flush=True)

@@ -848,3 +848,30 @@ def test_descriptor_loads(monkeypatch, causal, window, transposed):
     _, ok = flash._descriptors(q, k, v, torch.empty_like(q))
     assert ok, "these layouts are 16-byte aligned: descriptors must be used"
     check(gen, q, k, v, causal=causal, window=window)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dense_additive_mask_huge_fills(dtype):
+    """A dense additive mask takes a fast path (log2e·bias in one FMA, no clamp), where a
+    finfo.min entry overflows to -inf; a block whose row is left with no key is recomputed
+    exactly. Row 3: every key finfo.min (bf16: the eager model averages the keys); row 35: every key
+    -inf (empty: 0); other rows partly finfo.min; the block of rows 16-31 has no such row."""
+    gen = _gen("dense_huge_fills", dtype)
+    q, k, v = _qkv(gen, b=2, hq=2, hkv=2, nq=40, nk=50, d=32, dtype=dtype)
+    lo = torch.finfo(dtype).min
+    mask = _randn(gen, (2, 2, 40, 50), dtype)
+    mask[..., 7:50:3] = lo                  # partly masked rows
+    mask[:, :, 3] = lo                      # fully masked, finite
+    mask[:, :, 35] = NEG_INF                # fully masked, -inf
+    out, lse = flash_forward(q, k, v, mask)
+    rd = reference_dtype(dtype)
+    ref_out, ref_lse = attention_forward(q.to(rd), k.to(rd), v.to(rd), mask.to(rd))
+    low_out, low_lse = attention_forward(q, k, v, mask, acc_dtype=dtype)
+    assert_error_ratio("out", out, ref_out, low_out)
+    rows = torch.arange(40) != 3   # row 3's lse: its base-2 scores are clamped to finite
+    assert_error_ratio("lse", lse[:, :, rows], ref_lse[:, :, rows], low_lse[:, :, rows])
+    assert lse[:, :, 3].isfinite().all()
+    if lo < -1e38:   # bf16: q·k vanishes beside the fill, the scores are equal (fp16: -65504)
+        uniform = v.float().mean(2)         # [B, H, D]
+        torch.testing.assert_close(out[:, :, 3].float(), uniform, atol=2e-2, rtol=2e-2)
+    assert (out[:, :, 35] == 0).all() and (lse[:, :, 35] == NEG_INF).all()

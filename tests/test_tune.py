@@ -173,7 +173,7 @@ def test_timed_choice_is_stored_and_reused_across_processes(monkeypatch):
     rounds = select.ROUNDS
     assert first.cache == "miss" and len(timed) >= 2 and len(calls) == rounds * len(timed)
     assert len({id(f) for f in calls}) == len(timed)   # rounds reuse each candidate's runner
-    assert first.kernel == min(timed, key=lambda c: c.measured_ms).kernel
+    assert first.kernel == select._winner(sorted(timed, key=lambda c: c.measured_ms))[0].kernel
     assert choose(p, q, k, v, None, tune=True) is first   # memory: nothing timed again
     assert len(calls) == rounds * len(timed)
     select.forget()                      # a new process: only the disk remains
@@ -246,6 +246,20 @@ def test_timing_rounds_are_interleaved_and_the_fastest_round_counts(monkeypatch)
     assert c.kernel == first
     assert c.candidates[[x.kernel for x in c.candidates].index(first)].measured_ms == \
         pytest.approx(true_ms[first])
+
+
+@pytest.mark.parametrize("flash_ms,cudnn_ms,expected", [
+    (1.00, 1.02, "sdpa_cudnn"),    # within TIE: PyTorch's backend
+    (1.00, 1.10, "flash"),         # clearly faster: attnfuse's kernel
+    (1.10, 1.00, "sdpa_cudnn")])   # fastest anyway
+def test_a_tie_goes_to_the_sdpa_backend(flash_ms, cudnn_ms, expected):
+    from attnfuse.report import Candidate
+    timed = sorted([Candidate("flash", 1.0, measured_ms=flash_ms),
+                    Candidate("sdpa_cudnn", 1.0, measured_ms=cudnn_ms),
+                    Candidate("sdpa_math", 1.0, measured_ms=9.0)], key=lambda c: c.measured_ms)
+    win, why = select._winner(timed)
+    assert win.kernel == expected
+    assert ("tie" in why) == (expected == "sdpa_cudnn" and flash_ms < cudnn_ms)
 
 
 def test_concurrent_first_calls_tune_once(monkeypatch):

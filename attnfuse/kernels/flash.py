@@ -107,15 +107,32 @@ def _bias2(bias):
 
 
 @triton.jit
-def _user_mask(s, rows, cols, Mask, smm, smn, NQ, NK, fill2, MASK_KIND: tl.constexpr):
-    """Apply the user's bool/additive mask (a dense tile read by strides) to base-2 scores."""
+def _user_mask(s, rows, cols, Mask, smm, smn, NQ, NK, fill2, MASK_KIND: tl.constexpr,
+               FULL: tl.constexpr = False, FAST: tl.constexpr = False):
+    """Apply the user's bool/additive mask (a dense tile read by strides) to base-2 scores.
+    FULL (every key of the tile < Nk): no per-entry bounds test; rows past Nq read row Nq − 1
+    (they are never stored). FAST: an additive entry is added as log2e·bias in one FMA, without
+    _bias2's clamp, so an entry below -FLT_MAX/log2e (a finfo.min fill) overflows to -inf. That
+    changes nothing for a row that keeps any other key; a row left with no key (sum 0) is
+    recomputed exactly by the caller."""
     if MASK_KIND != _NO_MASK:
-        inside = (rows < NQ) & (cols < NK)
-        ptrs = Mask + rows * smm + cols * smn
-        if MASK_KIND == _BOOL_MASK:  # read as uint8; out-of-range entries count as kept
-            s = tl.where(tl.load(ptrs, mask=inside, other=1) != 0, s, fill2)
+        if FULL:
+            ptrs = Mask + tl.minimum(rows, NQ - 1) * smm + cols * smn
+            tile = tl.load(ptrs)
         else:
-            s = s + _bias2(tl.load(ptrs, mask=inside, other=0.0))
+            inside = (rows < NQ) & (cols < NK)
+            ptrs = Mask + rows * smm + cols * smn
+            # out-of-range entries count as kept / add 0 (the band drops those keys)
+            if MASK_KIND == _BOOL_MASK:
+                tile = tl.load(ptrs, mask=inside, other=1)
+            else:
+                tile = tl.load(ptrs, mask=inside, other=0.0)
+        if MASK_KIND == _BOOL_MASK:  # read as uint8
+            s = tl.where(tile != 0, s, fill2)
+        elif FAST:
+            s = s + tile.to(tl.float32) * _LOG2E
+        else:
+            s = s + _bias2(tile)
     return s
 
 
@@ -164,7 +181,8 @@ def _kept_range(Mask, smn, NK, MASK_KIND: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _masked_scores2(y, c, mrow, rows, cols, Mask, smm, smn, NQ, NK, fill2,
-                    MASK_KIND: tl.constexpr, MASK_ROWS_BCAST: tl.constexpr):
+                    MASK_KIND: tl.constexpr, MASK_ROWS_BCAST: tl.constexpr,
+                    FULL: tl.constexpr = False, FAST: tl.constexpr = False):
     """Base-2 scores c·y (see ``_raw_scores``) under the user's mask. MASK_ROWS_BCAST: ``mrow``
     (``_mask_row`` broadcast over the query axis, [1, BLOCK_N] or [BLOCK_N, 1]) rides on the
     scale in one FMA, no mask tile is read; otherwise the dense tile (``_user_mask``)."""
@@ -177,7 +195,7 @@ def _masked_scores2(y, c, mrow, rows, cols, Mask, smm, smn, NQ, NK, fill2,
         else:
             s = y * c + mrow
     else:
-        s = _user_mask(y * c, rows, cols, Mask, smm, smn, NQ, NK, fill2, MASK_KIND)
+        s = _user_mask(y * c, rows, cols, Mask, smm, smn, NQ, NK, fill2, MASK_KIND, FULL, FAST)
     return s
 
 
@@ -322,7 +340,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, desc_k, desc_v, Mask, seed, bh, b32, hk32
                DROPOUT: tl.constexpr, FOLD_SCALE: tl.constexpr, PREC: tl.constexpr,
                EMU_BF16: tl.constexpr, HAS_SOFTCAP: tl.constexpr, USE_DESC: tl.constexpr,
                BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_DV: tl.constexpr):
+               BLOCK_DV: tl.constexpr, FAST_MASK: tl.constexpr):
     """Online softmax over the key tiles [lo, hi): the FlashAttention-2 inner loop. EDGE tiles
     apply the band and bounds; full tiles skip them. A row-broadcast mask (MASK_ROWS_BCAST) is
     one [BLOCK_N] load per key tile, folded with the scale into one FMA."""
@@ -350,7 +368,8 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, desc_k, desc_v, Mask, seed, bh, b32, hk32
             else:
                 mrow = 0
             s = _masked_scores2(y, c, mrow, offs_m[:, None], offs_n[None, :], Mask, smm, smn,
-                                NQ, NK, fill2, MASK_KIND, MASK_ROWS_BCAST)  # [BLOCK_M, BLOCK_N]
+                                NQ, NK, fill2, MASK_KIND, MASK_ROWS_BCAST, not EDGE,
+                                FAST_MASK)  # [BLOCK_M, BLOCK_N]
             if EDGE:
                 s = _band(s, offs_m[:, None], offs_n[None, :], NK, offset, left, right)
             m_new = tl.maximum(m_i, tl.max(s, 1))  # [BLOCK_M]
@@ -373,13 +392,44 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, desc_k, desc_v, Mask, seed, bh, b32, hk32
 
 
 @triton.jit
+def _fwd_rows(q, K, V, desc_k, desc_v, Mask, seed, bh, b32, hk32, offs_m, t0, f0, f1, t1,
+              skn, svn, smm, smn, NQ, NK, scale, fill2, offset, left, right, softcap, drop_p,
+              MASK_KIND: tl.constexpr, MASK_ROWS_BCAST: tl.constexpr, DROPOUT: tl.constexpr,
+              FOLD_SCALE: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr,
+              HAS_SOFTCAP: tl.constexpr, USE_DESC: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_DV: tl.constexpr, FAST_MASK: tl.constexpr):
+    """acc, l, m of one query block: full key tiles [f0, f1), then the edge tiles [t0, f0) and
+    [f1, t1)."""
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, desc_k, desc_v, Mask, seed, bh, b32, hk32,
+                               offs_m, f0, f1, skn, svn, smm, smn, NQ, NK, scale, fill2, offset,
+                               left, right, softcap, drop_p, False, MASK_KIND, MASK_ROWS_BCAST,
+                               DROPOUT, FOLD_SCALE, PREC, EMU_BF16, HAS_SOFTCAP, USE_DESC,
+                               BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, FAST_MASK)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, desc_k, desc_v, Mask, seed, bh, b32, hk32,
+                               offs_m, t0, f0, skn, svn, smm, smn, NQ, NK, scale, fill2, offset,
+                               left, right, softcap, drop_p, True, MASK_KIND, MASK_ROWS_BCAST,
+                               DROPOUT, FOLD_SCALE, PREC, EMU_BF16, HAS_SOFTCAP, USE_DESC,
+                               BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, FAST_MASK)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, desc_k, desc_v, Mask, seed, bh, b32, hk32,
+                               offs_m, f1, t1, skn, svn, smm, smn, NQ, NK, scale, fill2, offset,
+                               left, right, softcap, drop_p, True, MASK_KIND, MASK_ROWS_BCAST,
+                               DROPOUT, FOLD_SCALE, PREC, EMU_BF16, HAS_SOFTCAP, USE_DESC,
+                               BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, FAST_MASK)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, Mask, Out, Lse, Seed, desc_q, desc_k, desc_v, desc_o,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, smb, smh, smm, smn,
                 sob, soh, som, slb, slh, slm,
                 HQ, GROUP, NQ, NK, scale, fill2, offset, left, right, softcap, drop_p, keep_scale,
                 NQ_BUCKET, NK_BUCKET, BANDED, DESC_OK,
                 D: tl.constexpr, DV: tl.constexpr, MASK_KIND: tl.constexpr,
-                MASK_ROWS_BCAST: tl.constexpr, TRIM_KEYS: tl.constexpr,
+                MASK_ROWS_BCAST: tl.constexpr, TRIM_KEYS: tl.constexpr, FAST_MASK: tl.constexpr,
                 HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
                 FOLD_SCALE: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr,
                 USE_DESC: tl.constexpr,
@@ -407,28 +457,25 @@ def _fwd_kernel(Q, K, V, Mask, Out, Lse, Seed, desc_q, desc_k, desc_v, desc_o,
     K += b * skb + hk * skh
     V += b * svb + hk * svh
     Mask += b * smb + h * smh
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     klo, khi = 0, NK
     if TRIM_KEYS:  # e.g. key padding: no tile past the last kept key (or before the first)
         klo, khi = _kept_range(Mask, smn, NK, MASK_KIND, 1024)
     t0, f0, f1, t1 = _key_tiles(start_m, NK, offset, left, right, klo, khi, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, desc_k, desc_v, Mask, seed, bh, b32, hk32,
-                               offs_m, f0, f1, skn, svn, smm, smn, NQ, NK, scale, fill2, offset,
-                               left, right, softcap, drop_p, False, MASK_KIND, MASK_ROWS_BCAST,
-                               DROPOUT, FOLD_SCALE, PREC, EMU_BF16, HAS_SOFTCAP, USE_DESC,
-                               BLOCK_N, D, DV, BLOCK_D, BLOCK_DV)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, desc_k, desc_v, Mask, seed, bh, b32, hk32,
-                               offs_m, t0, f0, skn, svn, smm, smn, NQ, NK, scale, fill2, offset,
-                               left, right, softcap, drop_p, True, MASK_KIND, MASK_ROWS_BCAST,
-                               DROPOUT, FOLD_SCALE, PREC, EMU_BF16, HAS_SOFTCAP, USE_DESC,
-                               BLOCK_N, D, DV, BLOCK_D, BLOCK_DV)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, desc_k, desc_v, Mask, seed, bh, b32, hk32,
-                               offs_m, f1, t1, skn, svn, smm, smn, NQ, NK, scale, fill2, offset,
-                               left, right, softcap, drop_p, True, MASK_KIND, MASK_ROWS_BCAST,
-                               DROPOUT, FOLD_SCALE, PREC, EMU_BF16, HAS_SOFTCAP, USE_DESC,
-                               BLOCK_N, D, DV, BLOCK_D, BLOCK_DV)
+    # FAST_MASK (a dense additive mask): the fast FMA first (see _user_mask); the rare block
+    # with a row left without keys (a fully masked row) is recomputed with the exact clamp.
+    acc, l_i, m_i = _fwd_rows(q, K, V, desc_k, desc_v, Mask, seed, bh, b32, hk32, offs_m,
+                              t0, f0, f1, t1, skn, svn, smm, smn, NQ, NK, scale, fill2, offset,
+                              left, right, softcap, drop_p, MASK_KIND, MASK_ROWS_BCAST, DROPOUT,
+                              FOLD_SCALE, PREC, EMU_BF16, HAS_SOFTCAP, USE_DESC, BLOCK_M,
+                              BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, FAST_MASK)
+    if FAST_MASK:
+        if tl.min(l_i, 0) == 0.0:
+            acc, l_i, m_i = _fwd_rows(q, K, V, desc_k, desc_v, Mask, seed, bh, b32, hk32, offs_m,
+                                      t0, f0, f1, t1, skn, svn, smm, smn, NQ, NK, scale, fill2,
+                                      offset, left, right, softcap, drop_p, MASK_KIND,
+                                      MASK_ROWS_BCAST, DROPOUT, FOLD_SCALE, PREC, EMU_BF16,
+                                      HAS_SOFTCAP, USE_DESC, BLOCK_M, BLOCK_N, D, DV, BLOCK_D,
+                                      BLOCK_DV, False)
     empty = l_i == 0.0  # no key at all: out = 0, lse = -inf
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc * (keep_scale / l_safe)[:, None]  # [BLOCK_M, BLOCK_DV]
@@ -754,6 +801,8 @@ def _cfg(block_m: int, block_n: int, warps: int, stages: int,
 # ``_pruner`` keeps three per situation: every new autotuning key compiles and times each
 # candidate on its first call, and each compile of these kernels costs seconds. With
 # ATTNFUSE_FLASH_AUTOTUNE=0 the always-fitting last candidate runs untimed (checks, quick starts).
+# Wide forward (D > 128): 128x64 with 8 warps and TMA loads measured 538 TFLOP/s at d=256, N=4k
+# (explore_fwd.py; 64x64 with 4 warps 383-433); without descriptors 64x64 is the runner-up.
 # The wide backward lists come from benchmarks/explore_bwd.py at d=256, N=8k: dK/dV with 32 K/V
 # rows stationary and 4 warps (+14 % over 64x64/8 warps), dQ with 128 Q rows, 64-key tiles and
 # one stage (+20 %).
@@ -762,7 +811,8 @@ _FWD_CONFIGS = {
     "plain": [_cfg(128, 128, 8, 3, False), _cfg(128, 128, 8, 3, True), _cfg(64, 64, 4, 2, False)],
     "banded": [_cfg(64, 64, 4, 3, True), _cfg(128, 128, 8, 3, True), _cfg(64, 64, 4, 2, False)],
     "masked": [_cfg(128, 128, 8, 2, False), _cfg(128, 64, 8, 3, False), _cfg(64, 64, 4, 2, False)],
-    "wide": [_cfg(64, 64, 4, 2, False), _cfg(128, 64, 8, 2, False), _cfg(32, 32, 4, 1, False)],
+    "wide": [_cfg(128, 64, 8, 2, True), _cfg(128, 64, 8, 2, False), _cfg(64, 64, 4, 2, False),
+             _cfg(32, 32, 4, 1, False)],
 }
 _DKDV_CONFIGS = {"narrow": [_cfg(64, 128, 8, 3), _cfg(64, 128, 8, 2), _cfg(32, 64, 4, 2)],
                  "masked": [_cfg(64, 64, 4, 3), _cfg(32, 128, 4, 3), _cfg(32, 64, 4, 2)],
@@ -1074,7 +1124,8 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     with _device_ctx(q):
         _launch("fwd", _fwd, grid, args,
                 dict(common, DV=dv_dim, DESC_OK=int(desc_ok), FOLD_SCALE=common["scale"] > 0.0,
-                     BLOCK_DV=_block(dv_dim), **mask_flags))
+                     BLOCK_DV=_block(dv_dim), FAST_MASK=mask_flags["MASK_KIND"] == _ADD_MASK.value
+                     and not mask_flags["MASK_ROWS_BCAST"], **mask_flags))
     return out, lse
 
 
