@@ -56,8 +56,9 @@ def _run_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale:
     check_seed(seed, dropout_p, q.device)
     m4 = as_4d(mask)
     name = _pick(q, k, v, m4, causal, kernel, window, dropout_p)
-    out, lse = registry.get(name).forward(q, k, v, m4, scale, causal, mask_fill, softcap,
-                                          window, dropout_p, seed)
+    kern = registry.get(name)   # _pick ran its operand check: no second one
+    out, lse = (kern.forward_selected or kern.forward)(q, k, v, m4, scale, causal, mask_fill,
+                                                       softcap, window, dropout_p, seed)
     return out.contiguous(), lse.to(torch.float32).contiguous()
 
 
@@ -92,7 +93,8 @@ def attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: O
     check_seed(seed, dropout_p, q.device)
     m4 = as_4d(mask)
     name = _pick(q, k, v, m4, causal, kernel, window, dropout_p)
-    dq, dk, dv, dm = registry.get(name).backward(
+    kern = registry.get(name)
+    dq, dk, dv, dm = (kern.backward_selected or kern.backward)(
         dout.contiguous(), q, k, v, m4, out, lse, scale, causal, mask_fill, mask_grad, softcap,
         window, dropout_p, seed)
     dm = dm.reshape(mask.shape) if dm is not None else q.new_empty((0,))

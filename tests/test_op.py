@@ -352,3 +352,25 @@ def test_property_reference_op_matches_sdpa_math(b, hkv, groups, nq, nk, d, caus
     s = q @ k.repeat_interleave(groups, 1).mT / math.sqrt(d) + full
     p = torch.softmax(s, -1).nan_to_num(0.0)           # rows with no key: 0 (attnfuse's contract)
     torch.testing.assert_close(got, p @ v.repeat_interleave(groups, 1))
+
+
+@pytest.mark.skipif(not registry.known("flash"), reason="triton missing")
+def test_op_checks_flash_operands_once(monkeypatch) -> None:
+    """The op's kernel selection runs flash's operand check; the kernel does not run it again
+    (a second check per call is host time a ViT-sized call pays), a direct call still does."""
+    from attnfuse.kernels import flash
+    calls = []
+    real = flash.supports
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(flash, "supports", counted)   # what flash's own _check calls
+    q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
+    out, _ = torch.ops.attnfuse.attention(q, k, v, None, 0.25, "none", float("-inf"), "flash")
+    assert calls == []
+    ref, _ = flash.flash_forward(q, k, v, None, 0.25)
+    assert calls == [1] and torch.equal(out, ref)
+    with pytest.raises(ValueError, match="cannot run"):   # the selection still refuses bad input
+        torch.ops.attnfuse.attention(q, k[..., :8], v, None, 0.25, "none", float("-inf"),
+                                     "flash")

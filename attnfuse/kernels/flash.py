@@ -1094,18 +1094,21 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
                   causal: str = "none", mask_fill: float = float("-inf"),
                   softcap: float = 0.0, window: tuple[int, int] = (-1, -1),
-                  dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None,
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None, *,
+                  operands_checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """out [B,Hq,Nq,Dv] in q.dtype (contiguous), lse [B,Hq,Nq] fp32 (natural log; -inf on empty
     rows). ``scale=None`` means 1/sqrt(D); ``softcap > 0`` soft-caps the scores, 0 disables it;
     ``window=(left, right)`` keeps keys i + off − left <= j <= i + off + right (-1: unbounded;
     ``off`` as for ``causal``), combined with ``causal`` and ``mask``; ``dropout_p > 0`` drops
     probabilities with the Philox stream of ``seed`` (int64 [1] on q's device). Raises ValueError
-    with ``supports``' reasons, or for a bad softcap/window/dropout argument."""
+    with ``supports``' reasons, or for a bad softcap/window/dropout argument.
+    ``operands_checked``: the caller ran ``supports`` on these operands (the registry's
+    selection did); the scalar arguments are still checked."""
     softcap, window = check_softcap(softcap), check_window(window)
     dropout_p = check_dropout(dropout_p)
     check_seed(seed, dropout_p, q.device)
-    _check(q, k, v, mask, causal)
+    if not operands_checked:
+        _check(q, k, v, mask, causal)
     b, hq, nq, _ = q.shape
     dv_dim = v.shape[3]
     out = torch.empty((b, hq, nq, dv_dim), dtype=q.dtype, device=q.device)
@@ -1134,17 +1137,20 @@ def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    scale: Optional[float] = None, causal: str = "none",
                    mask_fill: float = float("-inf"), mask_grad: bool = False,
                    softcap: float = 0.0, window: tuple[int, int] = (-1, -1),
-                   dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None,
+                   dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None, *,
+                   operands_checked: bool = False,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """dq, dk, dv (same dtype/shape as q, k, v; contiguous), dmask shaped like mask (only when
     mask_grad, else None). ``lse`` is the forward's (natural log); ``out``/``dout`` any strides.
     ``softcap``, ``window``, ``dropout_p`` and ``seed`` must be the forward's; dmask is the
     gradient of the capped scores. Deterministic: no atomics anywhere (an atomic-dq schedule,
-    five matmuls per tile pair instead of seven, measured slower on the H100: RESULTS.md)."""
+    five matmuls per tile pair instead of seven, measured slower on the H100: RESULTS.md).
+    ``operands_checked`` as for :func:`flash_forward`."""
     softcap, window = check_softcap(softcap), check_window(window)
     dropout_p = check_dropout(dropout_p)
     check_seed(seed, dropout_p, q.device)
-    _check(q, k, v, mask, causal)
+    if not operands_checked:
+        _check(q, k, v, mask, causal)
     if mask_grad and (mask is None or mask.dtype == torch.bool):
         raise ValueError("mask_grad=True needs an additive float mask")
     if dout.dtype != q.dtype or dout.shape != out.shape:

@@ -58,6 +58,11 @@ class Kernel:
     auto: tuple[str, ...] = ("cuda", "cpu")  # device types where the selector may choose it
     # Parametrised kernels: "name:params" is configure(params), a Kernel of its own.
     configure: Optional[Callable[[str], "Kernel"]] = None
+    # forward/backward without the kernel's own operand check, for callers that just had
+    # ``rejections`` (``select``) pass these operands: the op calls them, saving a second check
+    # per call. None: forward/backward check anyway.
+    forward_selected: Optional[Callable[..., tuple[torch.Tensor, torch.Tensor]]] = None
+    backward_selected: Optional[Callable[..., tuple[Any, ...]]] = None
 
 
 def _needs(window: tuple[int, int], dropout_p: float, softcap: float = 0.0) -> list[str]:
@@ -121,7 +126,10 @@ def _flash() -> Optional[Kernel]:
                   "Triton FlashAttention-2, forward and backward", frozenset(FEATURES),
                   Profile(matmul=0.60, exp=0.39, bwd_matmul=0.64, recompute=2,
                           row_broadcast_mask=True, host_fwd_us=250, host_bwd_us=600),
-                  auto=("cuda",))
+                  auto=("cuda",),
+                  forward_selected=functools.partial(flash.flash_forward, operands_checked=True),
+                  backward_selected=functools.partial(flash.flash_backward,
+                                                      operands_checked=True))
 
 
 def _sage() -> dict[str, Kernel]:
