@@ -10,8 +10,9 @@ For one :class:`Problem` (a site's shapes, dtype, mask, band, options):
 3. the choice comes from, in order: a pinned table (``attnfuse.cache.pin``; never times), this
    process's memory, the on-disk cache, or timing the best few candidates on the site's shapes
    (GPU time of back-to-back calls replayed from a CUDA graph, floored at the kernel's host
-   cost; outside graph capture; a rich progress bar when it takes more than a second); without
-   timing, the best prediction wins.
+   cost; outside graph capture; a rich progress bar when it takes more than a second); the
+   fastest wins, except that a PyTorch SDPA backend within ``TIE`` (3 %) of it wins a tie;
+   without timing, the best prediction wins.
 
 Timing is on by default on CUDA; ``ATTNFUSE_AUTOTUNE=0`` (or ``tune=False``) turns it off, and
 ``tune=True`` also times on CPU. The winner, its timings and its config (flash's tile choice) go
