@@ -395,8 +395,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def cleanup(device: torch.device) -> None:
-    torch._dynamo.reset()
+def cleanup(device: torch.device, reset: bool = True) -> None:
+    """Free a variant; ``reset=False`` keeps Dynamo's caches (variants still to be called)."""
+    if reset:
+        torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -639,12 +641,7 @@ def run_variant(case: Case, variant: str, env: Env, timing: Timing,
         finally:
             rec["warnings"] = list(warned)
     del model, fn, step
-    if keep is None:
-        cleanup(dev)
-    else:   # Dynamo's caches stay: the kept variants' compiled code must not recompile
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+    cleanup(dev, reset=keep is None)   # kept variants' compiled code must not recompile
     rec["seconds"] = time.perf_counter() - t_start
     return rec, output
 

@@ -20,6 +20,7 @@ import triton
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from attnfuse.kernels import flash  # noqa: E402
+from explore_fwd import parse_length  # noqa: E402  (beside this file)
 
 # (BLOCK_M, BLOCK_N, warps, stages) candidates per kernel and head-dim class
 CANDIDATES = {
@@ -46,10 +47,6 @@ def _forced_launch(name, tuned, grid, args, kwargs):
     if cfg is None:
         return _orig_launch(name, tuned, grid, args, kwargs)
     tuned.fn[grid](*args, **kwargs, **cfg.all_kwargs())
-
-
-def _parse_n(s: str) -> int:
-    return int(s[:-1]) * 1024 if s.endswith("k") else int(s)
 
 
 def run(d: int, n: int, causal: bool, dtype=torch.bfloat16) -> list[dict]:
@@ -97,7 +94,7 @@ def main() -> None:
     flash._launch = _forced_launch
     rows = []
     for d in args.d:
-        for n in map(_parse_n, args.n):
+        for n in map(parse_length, args.n):
             for causal in (c == "yes" for c in args.causal):
                 rows += run(d, n, causal)
                 if args.out:

@@ -26,6 +26,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from attnfuse.kernels import flash  # noqa: E402
+from explore_fwd import parse_configs, parse_length  # noqa: E402  (beside this file)
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -102,10 +103,6 @@ def backward(do, q, k, v, out, lse2, causal, bm, bn, warps, stages):
     return dq32.view(b, h, n, d).to(q.dtype), dk, dv
 
 
-def _n(text: str) -> int:
-    return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
-
-
 def main() -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from triton.testing import do_bench
@@ -114,15 +111,10 @@ def main() -> None:
     ap.add_argument("--n", nargs="+", default=["4k", "16k"])
     ap.add_argument("--configs", default="64x128w8s2,64x128w8s1,32x128w4s2,64x64w4s2,128x128w8s1")
     args = ap.parse_args()
-    configs = []
-    for c in args.configs.split(","):
-        bmn, rest = c.split("w")
-        warps, stages = rest.split("s")
-        bm, bn = bmn.split("x")
-        configs.append((int(bm), int(bn), int(warps), int(stages)))
+    configs = parse_configs(args.configs)
     rows = []
     for d in args.d:
-        for n in map(_n, args.n):
+        for n in map(parse_length, args.n):
             for causal in (False, True):
                 b, h = max(1, 16384 // n), 2048 // d
                 torch.manual_seed(0)

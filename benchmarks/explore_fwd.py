@@ -110,6 +110,15 @@ def _vt(V, desc_v, b, hk, start_n, svn, offs_d, D: tl.constexpr, USE_DESC: tl.co
 
 
 @triton.jit
+def _step(s, m_i, l_i, acc, qk2):
+    """Online-softmax update for one unmasked score tile: p, and l, acc, m rescaled."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk2)
+    p = tl.math.exp2(s * qk2 - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    return p, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None], m_new
+
+
+@triton.jit
 def _inner_pipe(acc, l_i, m_i, q, K, V, desc_k, desc_v, b, hk, lo, hi, skn, svn, qk2,
                 USE_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, D: tl.constexpr):
@@ -117,24 +126,14 @@ def _inner_pipe(acc, l_i, m_i, q, K, V, desc_k, desc_v, b, hk, lo, hi, skn, svn,
     offs_d = tl.arange(0, BLOCK_D)
     if lo < hi:
         s = tl.dot(q, _kt(K, desc_k, b, hk, lo, skn, offs_d, D, USE_DESC, BLOCK_N, BLOCK_D))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk2)
-        p = tl.math.exp2(s * qk2 - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        m_i = m_new
+        p, l_i, acc, m_i = _step(s, m_i, l_i, acc, qk2)
         for start_n in tl.range(lo, hi - BLOCK_N, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
             s = tl.dot(q, _kt(K, desc_k, b, hk, start_n + BLOCK_N, skn, offs_d, D, USE_DESC,
                                BLOCK_N, BLOCK_D))
             v = _vt(V, desc_v, b, hk, start_n, svn, offs_d, D, USE_DESC, BLOCK_N, BLOCK_D)
             acc = tl.dot(p.to(v.dtype), v, acc)
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk2)
-            p = tl.math.exp2(s * qk2 - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            m_i = m_new
+            p, l_i, acc, m_i = _step(s, m_i, l_i, acc, qk2)
         v = _vt(V, desc_v, b, hk, hi - BLOCK_N, svn, offs_d, D, USE_DESC, BLOCK_N, BLOCK_D)
         acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_i
@@ -215,8 +214,20 @@ def bench(fn):
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def _n(text):
+def parse_length(text: str) -> int:
+    """"4k" -> 4096, "1000" -> 1000."""
     return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
+
+
+def parse_configs(text: str) -> list[tuple[int, int, int, int]]:
+    """"128x64w8s3,..." -> [(BLOCK_M, BLOCK_N, warps, stages), ...]."""
+    configs = []
+    for c in text.split(","):
+        blocks, rest = c.split("w")
+        warps, stages = rest.split("s")
+        bm, bn = blocks.split("x")
+        configs.append((int(bm), int(bn), int(warps), int(stages)))
+    return configs
 
 
 def main():
@@ -230,13 +241,9 @@ def main():
                     help="digits desc, ws, lazy, pipe")
     args = ap.parse_args()
     dev = "cuda"
-    shapes = [(int(d), _n(n), c == "1") for d, n, c in (x.split(":") for x in args.shapes.split(","))]
-    configs = []
-    for c in args.configs.split(","):
-        bmn, rest = c.split("w")
-        w, st = rest.split("s")
-        bm, bn = bmn.split("x")
-        configs.append((int(bm), int(bn), int(w), int(st)))
+    shapes = [(int(d), parse_length(n), c == "1")
+              for d, n, c in (x.split(":") for x in args.shapes.split(","))]
+    configs = parse_configs(args.configs)
     variants = [tuple(int(ch) for ch in x) for x in args.variants.split(",")]
     rows = []
     t0 = time.time()
