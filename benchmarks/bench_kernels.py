@@ -102,6 +102,10 @@ CASES = [
     # dense masks with 16-byte aligned rows: the forward reads their tiles through TMA
     _case(2, 8, 8, 1000, 1000, 128, 128, "none", "additive", "bf16"),
     _case(1, 4, 4, 1024, 1024, 128, 128, "top_left", "bool", "bf16"),
+    # transformers-style additive mask (finfo.min fills) with fully masked rows, bias gradient
+    # too: the backward's exact row statistics (EXACT_ROWS)
+    _case(2, 8, 8, 1000, 1000, 128, 128, "none", "finite_rows", "bf16"),
+    _case(1, 4, 4, 517, 517, 64, 64, "none", "finite_rows_grad", "fp16"),
 ]
 
 
@@ -117,6 +121,12 @@ def _mask(kind: Optional[str], b: int, h: int, nq: int, nk: int, dtype, dev):
         keep = torch.rand(nq, nk, device=dev) > 0.3
         keep[:, 0] = True
         return keep
+    if kind.startswith("finite_rows"):
+        # left padding of 100 keys in batch 0, and its first 37 query rows masked wholly
+        t = torch.zeros(b, 1, nq, nk, device=dev, dtype=dtype)
+        t[0, :, :, :100] = torch.finfo(dtype).min
+        t[0, :, :37] = torch.finfo(dtype).min
+        return t.requires_grad_(kind.endswith("_grad"))
     t = torch.randn(1, h, nq, nk, device=dev, dtype=dtype)
     return t.requires_grad_(kind == "bias_grad")
 

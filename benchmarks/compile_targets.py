@@ -1,4 +1,5 @@
-"""Compile every variant of attnfuse's flash kernels for a CUDA target, with no GPU needed.
+"""Compile every variant of attnfuse's flash kernels (``--module sparse``: the block-sparse
+ones, which share flash's tile steps) for a CUDA target, with no GPU needed.
 
 For each kernel variant (dtype, head dim, mask kind, causal, soft-cap, GQA, mask gradient, and
 window / dropout when the kernel file supports them) and each autotuning config, the Triton
@@ -25,6 +26,7 @@ Usage:
     python benchmarks/compile_targets.py --arch 90 --jobs 16   #   compiles: use many cores)
     python benchmarks/compile_targets.py --arch 90 --dtypes fp16 --d 64,256 --kernels _fwd_kernel
     python benchmarks/compile_targets.py --arch 90 --quick --json out.json
+    python benchmarks/compile_targets.py --arch 90 --module sparse --quick  # block-sparse kernels
 Prints a progress line per compile, then a markdown table. Exit status 1 when any variant fails
 to compile. Compiles that spill heavily (fp32, d=256) take one to two minutes each.
 """
@@ -53,8 +55,11 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-FLASH_MODULE = "attnfuse.kernels.flash"
-KERNELS = ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
+MODULES = {"flash": "attnfuse.kernels.flash", "sparse": "attnfuse.kernels.sparse"}
+KERNELS = ("_fwd_kernel", "_bwd_preprocess", "_bwd_row_stats", "_bwd_dkdv_kernel",
+           "_bwd_dq_kernel", "_sparse_fwd_kernel", "_sparse_row_stats", "_sparse_dkdv_kernel",
+           "_sparse_dq_kernel")
+_OWN_KERNELS = {"flash": KERNELS[:5], "sparse": KERNELS[5:]}
 # Maximum dynamic shared memory per block (bytes) by compute capability.
 MAX_SMEM = {70: 98304, 75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376,
             90: 232448, 100: 232448, 103: 232448, 120: 101376}
@@ -265,8 +270,11 @@ def record_launches(module: Any, v: dict, arch: int) -> list[tuple[str, tuple, d
     """The kernel launches flash_forward + flash_backward make for variant ``v``."""
     import torch
     q, k, vv, mask = _host_inputs(v)
-    fwd_params = inspect.signature(module.flash_forward).parameters
-    bwd_params = inspect.signature(module.flash_backward).parameters
+    sparse = hasattr(module, "sparse_forward")
+    fwd_params = inspect.signature(module.sparse_forward if sparse
+                                   else module.flash_forward).parameters
+    bwd_params = inspect.signature(module.sparse_backward if sparse
+                                   else module.flash_backward).parameters
     extra_f, extra_b = {}, {}
     if v.get("softcap"):
         extra_f["softcap"] = extra_b["softcap"] = v["softcap"]
@@ -282,6 +290,19 @@ def record_launches(module: Any, v: dict, arch: int) -> list[tuple[str, tuple, d
     with _recording(module, arch) as log:
         out = torch.zeros(q.shape[:3] + (vv.shape[-1],), dtype=q.dtype)
         lse = torch.zeros(q.shape[:3], dtype=torch.float32)
+        if sparse:
+            # A random block mask of 128-token blocks; the kernels' variants do not depend on it.
+            from attnfuse.kernels.sparse_layout import layout_from_blocks
+            n = q.shape[2]
+            blocks = torch.rand(1, 1, -(-n // 128), -(-n // 128),
+                                generator=torch.Generator().manual_seed(0)) < 0.5
+            window = tuple(v.get("window") or (-1, -1))
+            layout = layout_from_blocks(blocks, n, n, block=128, causal=v["causal"],
+                                        window=window)
+            module.sparse_forward(q, k, vv, layout, mask, None, v["causal"], window=window)
+            module.sparse_backward(torch.randn_like(out), q, k, vv, layout, mask, out, lse, None,
+                                   v["causal"], window=window)
+            return log
         module.flash_forward(q, k, vv, mask, None, v["causal"], **extra_f)
         module.flash_backward(torch.randn_like(out), q, k, vv, mask, out, lse, None, v["causal"],
                               mask_grad=bool(v.get("mask_grad")), **extra_b)
@@ -609,7 +630,7 @@ def _cfg_text(r: dict) -> str:
 
 
 def summary(rows: list[dict], arch: int) -> str:
-    lines = [f"### Flash kernels compiled for sm_{arch}", "",
+    lines = [f"### Kernels compiled for sm_{arch}", "",
              "| kernel | variant | config | status | regs | smem (KB) | spill st/ld (B) | s | note |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -634,6 +655,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="bf16, d=128, fewer mask kinds")
     parser.add_argument("--dtypes", default=None, help="comma list of bf16,fp16,fp32")
     parser.add_argument("--d", default=None, help="comma list of head dims")
+    parser.add_argument("--module", default="flash", choices=sorted(MODULES),
+                        help="the kernel file: flash (default) or the block-sparse kernels")
     parser.add_argument("--kernels", default=None, help="comma list of kernel names to compile")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     parser.add_argument("--from-params", action="store_true",
@@ -646,13 +669,16 @@ def main() -> None:
     args = parser.parse_args()
 
     import triton
-    module = importlib.import_module(FLASH_MODULE)
+    module = importlib.import_module(MODULES[args.module])
     spec, backend = _specializer(args.arch)
-    wanted = args.kernels.split(",") if args.kernels else list(KERNELS)
-    fwd_params = inspect.signature(module.flash_forward).parameters
+    wanted = args.kernels.split(",") if args.kernels else list(_OWN_KERNELS[args.module])
+    host = getattr(module, "flash_forward", None) or module.sparse_forward
+    fwd_params = inspect.signature(host).parameters
     features = {name: name in fwd_params for name in ("window", "dropout_p")}
     variants = _variants(args.quick, args.dtypes.split(",") if args.dtypes else None,
                          [int(x) for x in args.d.split(",")] if args.d else None, features)
+    if args.module == "sparse":  # no soft-capping and no mask gradient there
+        variants = [v for v in variants if not v.get("softcap") and not v.get("mask_grad")]
     print(f"triton {triton.__version__} | target sm_{args.arch} | {len(variants)} host variants "
           f"| kernel features: {', '.join(k for k, v in features.items() if v) or 'base'}",
           flush=True)

@@ -125,7 +125,7 @@ def test_lengths(nq, nk):
     check(gen, *_qkv(gen, nq=nq, nk=nk, hq=1, hkv=1))
 
 
-@pytest.mark.parametrize("d", [16, 40, 72, 96, 160, 256])
+@pytest.mark.parametrize("d", [16, 40, 72, 80, 96, 160, 256])
 def test_head_dims(d):
     gen = _gen("head_dims", d)
     dtype = torch.bfloat16 if d in (40, 160) else torch.float16
@@ -184,13 +184,10 @@ def test_bool_masks(kind, fill):
 
 
 @pytest.mark.parametrize("fill,dtype", [(NEG_INF, torch.float32), (-1e4, torch.float16),
-                                        (-1e4, torch.bfloat16)])
+                                        (-1e4, torch.bfloat16), (-1e4, torch.float32)])
 def test_bool_mask_fully_masked_rows(fill, dtype):
-    """An all-False row is empty with -inf fill, and a uniform average with a finite fill.
-
-    Not fp32 with a finite fill: there the backward's p = exp(s - lse) inherits the fp32 lse's
-    absolute rounding, |fill|·2⁻²⁴, which exceeds torch's fp32 error (it renormalises by row sum).
-    """
+    """An all-False row is empty with -inf fill, and a uniform average with a finite fill (fp32
+    too: the backward's exact row statistics avoid the fp32 lse's rounding, |fill|·2⁻²⁴)."""
     gen = _gen("bool_rows", fill, dtype)
     q, k, v = _qkv(gen, nq=20, nk=24, dtype=dtype)
     mask = _bool_mask(gen, (1, 2, 20, 24))
@@ -875,12 +872,9 @@ def test_dense_additive_mask_huge_fills(dtype):
         uniform = v.float().mean(2)         # [B, H, D]
         torch.testing.assert_close(out[:, :, 3].float(), uniform, atol=2e-2, rtol=2e-2)
     assert (out[:, :, 35] == 0).all() and (lse[:, :, 35] == NEG_INF).all()
-    # the backward: the dK/dV kernel takes the exact path for heads with row 3, the dQ kernel
-    # for its query block; mask_grad checks dS (the bias gradient) too. Row 3 gets no output
-    # gradient (as a loss that ignores fully masked rows): its own gradient is a known gap,
-    # test_fully_finite_masked_row_gradient.
+    # the backward, row 3 included (exact row statistics); mask_grad checks dS (the bias
+    # gradient) too.
     dout = _randn(gen, out.shape, dtype)
-    dout[:, :, 3] = 0
     grads = flash_backward(dout, q, k, v, mask, out, lse, mask_grad=True)
     ref = attention_backward(dout.to(rd), q.to(rd), k.to(rd), v.to(rd), mask.to(rd), ref_out,
                              ref_lse, None, "none", NEG_INF, True)
@@ -890,21 +884,59 @@ def test_dense_additive_mask_huge_fills(dtype):
         assert_error_ratio(name, g, r, lo)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: a row whose every key has a huge finite "
-                   "fill (bf16 finfo.min) saves lse = (m + log2 l)·ln2 with log2 l absorbed by "
-                   "the clamped m; the backward's recomputed p for that row is 0, not 1/l, so "
-                   "its gradients (its dq, its share of dk, dv) are dropped")
-def test_fully_finite_masked_row_gradient():
-    gen = _gen("finite_masked_row_grad")
-    q, k, v = _qkv(gen, b=1, hq=1, hkv=1, nq=8, nk=24, d=16, dtype=torch.bfloat16)
-    mask = torch.zeros(1, 1, 8, 24, dtype=torch.bfloat16)
-    mask[:, :, 2] = torch.finfo(torch.bfloat16).min
-    out, lse = flash_forward(q, k, v, mask)
-    dout = _randn(gen, out.shape, torch.bfloat16)
-    dq = flash_backward(dout, q, k, v, mask, out, lse)[0]
-    rd = reference_dtype(torch.bfloat16)
-    ref_out, ref_lse = attention_forward(q.to(rd), k.to(rd), v.to(rd), mask.to(rd))
-    ref_dq = attention_backward(dout.to(rd), q.to(rd), k.to(rd), v.to(rd), mask.to(rd), ref_out,
-                                ref_lse)[0]
-    torch.testing.assert_close(dq[:, :, 2].float(), ref_dq[:, :, 2].float(), atol=2e-2,
-                               rtol=2e-2)
+@pytest.mark.parametrize("kind,fill,dtype,causal", [
+    ("additive", "min", torch.bfloat16, "none"),     # base-2 scores clamped to _MIN_SCORE2
+    ("additive", "min", torch.float16, "top_left"),  # -65504: base-2 lse near -94500
+    ("additive", -1e9, torch.float32, "bottom_right"),
+    ("additive", -1e4, torch.float32, "none"),
+    ("bool", -1e9, torch.bfloat16, "none"),          # filled keys: probability, no dS
+    ("bool", "min", torch.float32, "bottom_right"),
+    ("key_padding", "min", torch.bfloat16, "none"),  # a whole sequence padded, row-broadcast
+])
+def test_fully_finite_masked_row_gradients(kind, fill, dtype, causal):
+    """Rows whose every key carries a finite fill average their keys in the eager model, and
+    their gradients flow (dq of the row, its share of dk and dv, the bias's dS). The fp32 lse
+    = (m + log2 l)·ln2 loses log2 l beside such a fill, so the backward reads exact row
+    statistics (flash._bwd_row_stats); every gradient obeys the error-ratio rule with a dout
+    that is nonzero on those rows too. GQA 2:1; rows 0-15 of one block are ordinary."""
+    gen = _gen("finite_masked_rows", kind, fill, dtype, causal)
+    b, hq, hkv, nq, nk = 2, 4, 2, 40, 50
+    q, k, v = _qkv(gen, b=b, hq=hq, hkv=hkv, nq=nq, nk=nk, d=32, dtype=dtype)
+    fill = torch.finfo(dtype).min if fill == "min" else fill
+    if kind == "bool":
+        mask = _bool_mask(gen, (b, 1, nq, nk))
+        mask[:, :, 3] = False
+        mask[1, :, 22] = False
+        mask_fill, rows = fill, [3, 22]
+    elif kind == "additive":
+        mask = _randn(gen, (b, hq, nq, nk), dtype)
+        mask[..., 5:nk:4] = fill
+        mask[:, :, 3] = fill
+        mask[0, 1, 22] = fill
+        mask_fill, rows = NEG_INF, [3, 22]
+    else:
+        mask = torch.zeros(b, 1, 1, nk, dtype=dtype, device=DEVICE)
+        mask[0] = fill                          # batch 0: every key padded, every row fully masked
+        mask[1, ..., 40:] = fill
+        mask_fill, rows = NEG_INF, list(range(nq))
+    mask_grad = mask.dtype != torch.bool
+    out, lse = flash_forward(q, k, v, mask, None, causal, mask_fill)
+    rd = reference_dtype(dtype)
+    rmask = mask if mask.dtype == torch.bool else mask.to(rd)
+    ref_out, ref_lse = attention_forward(q.to(rd), k.to(rd), v.to(rd), rmask, None, causal,
+                                         mask_fill)
+    low_out, low_lse = attention_forward(q, k, v, mask, None, causal, mask_fill, acc_dtype=dtype)
+    assert_error_ratio("out", out, ref_out, low_out)
+    assert lse.isfinite().all()
+    dout = _randn(gen, out.shape, dtype)
+    grads = flash_backward(dout, q, k, v, mask, out, lse, None, causal, mask_fill, mask_grad)
+    ref = attention_backward(dout.to(rd), q.to(rd), k.to(rd), v.to(rd), rmask, ref_out, ref_lse,
+                             None, causal, mask_fill, mask_grad)
+    low = attention_backward(dout, q, k, v, mask, low_out, low_lse, None, causal, mask_fill,
+                             mask_grad, acc_dtype=dtype)
+    names = ("dq", "dk", "dv", "dmask")[:4 if mask_grad else 3]
+    for name, g, r, lo in zip(names, grads, ref, low):
+        assert_error_ratio(name, g, r, lo)
+    if mask_grad:  # those rows' own dq is not 0 (a bool fill is a constant: there dv is hit)
+        full = (ref[0][:, :, rows].abs().amax(-1) > 0).nonzero(as_tuple=True)
+        assert full[0].numel() and (grads[0][:, :, rows].abs().amax(-1)[full] > 0).all()

@@ -181,6 +181,35 @@ def test_finite_fill_dense_layout(fill, dtype):
     check(gen, q, k, v, layout, mask, mask_fill=fill)
 
 
+@pytest.mark.parametrize("kind,fill,dtype", [("bool", -1e9, torch.bfloat16),
+                                             ("additive", -1e9, torch.float32)])
+def test_fully_finite_masked_rows_gradients(kind, fill, dtype):
+    """Rows whose every visited key carries a huge finite fill average those keys, and their
+    gradients flow: the backward reads exact row statistics (the fp32 lse loses log2 of the
+    row's sum beside the fill), over the listed blocks only. Random layout, GQA 2:1."""
+    gen = _gen("finite_rows", kind, fill, dtype)
+    b, hq, nq, nk = 1, 4, 40, 45
+    q, k, v = _qkv(gen, b=b, hq=hq, hkv=2, nq=nq, nk=nk, dtype=dtype)
+    blocks = _random_blocks(gen, b, hq, nq, nk, 0.6)
+    blocks[..., 0] = True                  # every block row visits key block 0
+    if kind == "bool":
+        # A skipped pair scores -inf, the reference's bool mask gives it the finite fill: the
+        # two agree on a fully masked row only where its block row skips nothing.
+        blocks[:, :, [3 // BLOCK, 21 // BLOCK]] = True
+    layout = layout_from_blocks(blocks, nq, nk, block=BLOCK)
+    if kind == "bool":
+        mask = (torch.rand(b, hq, nq, nk, generator=gen) < 0.7).to(DEVICE)
+        mask[:, :, [3, 21]] = False
+        mask_fill = fill
+    else:
+        mask = torch.randn(b, hq, nq, nk, generator=gen).to(DEVICE)
+        mask[:, :, [3, 21]] = fill
+        mask_fill = NEG_INF
+    _, _, grads = check(gen, q, k, v, layout, mask, mask_fill=mask_fill)
+    if kind == "additive":  # a bool fill is a constant: those rows' dq is 0, their dv is not
+        assert grads[0][:, :, [3, 21]].abs().amin(-1).amin() > 0
+
+
 def test_rows_with_no_block_are_empty():
     """Query blocks whose every key block is skipped: out 0, lse -inf, no gradient from them."""
     gen = _gen("empty_rows")

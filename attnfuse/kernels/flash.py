@@ -19,7 +19,11 @@ Legend (the symbols of ``reference.py``; every tile comment uses them)::
     m   = running row max of s    p = exp2(s − m)    l = running row sum of p
     acc = Σ (p ∘ keep)·v    out = acc / l / (1 − p_drop)    lse = (m + log2 l)·ln 2
     keep = Philox(seed; j, i, b·Hq + h) >= p_drop           only with DROPOUT (else all kept)
-    backward: p = exp2(s − lse·log2e)   dP = dO·vᵀ ∘ keep/(1 − p_drop)   δ = rowsum(dO ∘ out)
+    backward: p = exp2(s − m2 − l2) with (m2, l2) = (lse·log2e, 0), or, where finite scores of
+              any size can occur (EXACT_ROWS: additive masks, finite fills), the row's own max m
+              and log2 l for rows whose |lse·log2e| >= 1024 (beside such an m, log2 l vanishes
+              in one fp32: a row fully masked by finfo.min would lose its gradients)
+              dP = dO·vᵀ ∘ keep/(1 − p_drop)   δ = rowsum(dO ∘ out)
               dS = p ∘ (dP − δ)  (0 where a bool mask filled the score: a constant has no gradient)
               dmask = dS   then dS = dS ∘ (1 − t²) with HAS_SOFTCAP (through the cap)
               dq = scale·dS·k   dk = scale·Σ_group dSᵀ·q   dv = Σ_group (p ∘ keep/(1 − p_drop))ᵀ·dO
@@ -32,9 +36,12 @@ nor, with a row-broadcast mask whose dropped keys score -inf (key padding), tile
 first or after its last kept key (TRIM_KEYS: the padded tail of each sequence costs nothing).
 
 Kernels: ``_fwd_kernel`` (grid: query blocks x Hq x B, longest causal blocks first),
-``_bwd_preprocess`` (δ), ``_bwd_dkdv_kernel`` (a K/V block stays put, loops over the G query
-heads and their query tiles) and ``_bwd_dq_kernel`` (a Q block stays put, loops over key tiles;
-optionally stores dS for the mask gradient). The backward uses no atomics, so it is
+``_bwd_preprocess`` (δ), ``_bwd_row_stats`` (EXACT_ROWS only: (m2, l2), recomputing m and l for
+the rare query block with a huge row), ``_bwd_dkdv_kernel`` (a K/V block stays put, loops over
+the G query heads and their query tiles) and ``_bwd_dq_kernel`` (a Q block stays put, loops over
+key tiles; optionally stores dS for the mask gradient). Each loop body is one tile step
+(``_fwd_step``, ``_dkdv_step``, ``_dq_step``) that the block-sparse kernels (``sparse.py``) run
+over their block lists. The backward uses no atomics, so it is
 deterministic: the same inputs give bitwise the same gradients, run after run. Variants (mask kind,
 row-broadcast mask, soft-cap, dropout, fp32 dots, dS output, tensor-descriptor loads) are
 constexpr flags; ``softcap=0``/``dropout_p=0`` compile no cap/RNG code. On Hopper (sm_90+) the
@@ -74,6 +81,10 @@ _LN2 = tl.constexpr(_LN2_F)
 # "huge but finite" (as the reference sees them) and s − m never overflows.
 _MIN_SCORE2_F = -_FP32_MAX * 0.999
 _MIN_SCORE2 = tl.constexpr(_MIN_SCORE2_F)
+# Rows whose base-2 lse reaches this size (natural-log scores past ~710: only masks' fills
+# produce them) get exact row statistics in the backward (_bwd_row_stats); below it the fp32
+# lse's rounding changes p by less than 2^-13 relative.
+_EXACT_ROW_BOUND = tl.constexpr(1024.0)
 _NO_MASK = tl.constexpr(0)
 _BOOL_MASK = tl.constexpr(1)
 _ADD_MASK = tl.constexpr(2)
@@ -331,7 +342,91 @@ def _load_lse2(ptrs, valid):
     return tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
 
 
+@triton.jit
+def _row_stats(Lse, offs_m, slm, NQ, EXACT_ROWS: tl.constexpr):
+    """``(m2, l2)`` of one query head's rows, such that the backward's p = exp2(s − m2 − l2).
+    Default: ``Lse`` is the saved lse, m2 = lse·log2e, l2 = 0. EXACT_ROWS: ``Lse`` points at
+    this head's [2, Nq] of ``_bwd_row_stats``' output, where rows of huge finite scores keep
+    the row max and log2 of the sum apart (the sum vanishes beside the max in one fp32)."""
+    valid = offs_m < NQ
+    if EXACT_ROWS:
+        m2 = tl.load(Lse + offs_m * slm, mask=valid, other=float("inf"))
+        l2 = tl.load(Lse + (NQ + offs_m) * slm, mask=valid, other=0.0)
+    else:
+        m2 = _load_lse2(Lse + offs_m * slm, valid)
+        l2 = tl.zeros_like(m2)
+    return m2, l2
+
+
+@triton.jit
+def _probs(s, m2, l2, EXACT_ROWS: tl.constexpr):
+    """p = exp2(s − m2 − l2) (m2, l2 broadcast like ``s``), at most 1: the clamp stops rounding
+    of a huge m2 from giving inf. The subtraction of l2 apart is only compiled for EXACT_ROWS."""
+    if EXACT_ROWS:
+        d = (s - m2) - l2
+    else:
+        d = s - m2
+    return tl.math.exp2(tl.minimum(d, 0.0))
+
+
 # ----------------------------------------------------------------------------- forward
+
+@triton.jit
+def _fwd_step(acc, l_i, m_i, q, K, V, desc_k, desc_v, Mask, seed, bh, b32, hk32, offs_m, start_n,
+              skn, svn, smm, smn, NQ, NK, scale, fill2, offset, left, right, softcap, drop_p,
+              EDGE: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS_BCAST: tl.constexpr,
+              DROPOUT: tl.constexpr, FOLD_SCALE: tl.constexpr, PREC: tl.constexpr,
+              EMU_BF16: tl.constexpr, HAS_SOFTCAP: tl.constexpr, USE_DESC: tl.constexpr,
+              BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_DV: tl.constexpr, FAST_MASK: tl.constexpr, STATS_ONLY: tl.constexpr):
+    """One key tile [start_n, start_n + BLOCK_N) of the online softmax (FlashAttention-2's
+    inner step; the block-sparse kernels take it too). EDGE tiles apply the band and bounds;
+    full tiles skip them. A row-broadcast mask (MASK_ROWS_BCAST) is one [BLOCK_N] load per key
+    tile, folded with the scale into one FMA. STATS_ONLY: m and l alone (no V, no P·V; the
+    backward's exact row statistics)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if USE_DESC:  # TMA: out-of-range rows arrive as zeros
+        k = desc_k.load([b32, hk32, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+    else:
+        k = _load(K, offs_n, tl.arange(0, BLOCK_D), skn, NK, D, EDGE, D != BLOCK_D)
+    kT = tl.trans(_operand(k, EMU_BF16))  # [BLOCK_D, BLOCK_N]
+    if FOLD_SCALE and not EDGE and MASK_KIND == _NO_MASK and not HAS_SOFTCAP:
+        # Plain full tile: the scale rides on the row max and on one FMA before exp2.
+        x = tl.dot(q, kT, input_precision=PREC)  # [BLOCK_M, BLOCK_N]
+        m_new = tl.maximum(m_i, tl.max(x, 1) * (scale * _LOG2E))  # [BLOCK_M]
+        m_safe = m_new
+        p = tl.math.exp2(x * (scale * _LOG2E) - m_new[:, None])  # [BLOCK_M, BLOCK_N]
+    else:
+        y, c, _ = _raw_scores(q, kT, scale, softcap, PREC, HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
+        if MASK_ROWS_BCAST:  # the same mask for every query row: a vector, no tile
+            mrow = _mask_row(Mask, start_n, smn, NK, EDGE, MASK_KIND,
+                             BLOCK_N)[None, :]  # [1, BLOCK_N]
+        else:
+            mrow = 0
+        s = _masked_scores2(y, c, mrow, offs_m[:, None], offs_n[None, :], Mask, smm, smn,
+                            NQ, NK, fill2, MASK_KIND, MASK_ROWS_BCAST, not EDGE,
+                            FAST_MASK)  # [BLOCK_M, BLOCK_N]
+        if EDGE:
+            s = _band(s, offs_m[:, None], offs_n[None, :], NK, offset, left, right)
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # [BLOCK_M]
+        # A row with no key so far has m = -inf: subtract 0 instead, so p = 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
+    alpha = tl.math.exp2(m_i - m_safe)  # [BLOCK_M]
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if not STATS_ONLY:
+        if USE_DESC:
+            v = desc_v.load([b32, hk32, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
+        else:
+            v = _load(V, offs_n, tl.arange(0, BLOCK_DV), svn, NK, DV, EDGE, DV != BLOCK_DV)
+        v = _operand(v, EMU_BF16)  # [BLOCK_N, BLOCK_DV]
+        if DROPOUT:  # l keeps every p (the softmax's denominator); acc only the kept ones
+            p = tl.where(_dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], drop_p),
+                         p, 0.0)
+        acc = acc * alpha[:, None]  # [BLOCK_M, BLOCK_DV]
+        acc = tl.dot(_lowp(p, v, EMU_BF16), v, acc, input_precision=PREC)
+    return acc, l_i, m_new
+
 
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, K, V, desc_k, desc_v, Mask, seed, bh, b32, hk32, offs_m, lo, hi,
@@ -340,54 +435,16 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, desc_k, desc_v, Mask, seed, bh, b32, hk32
                DROPOUT: tl.constexpr, FOLD_SCALE: tl.constexpr, PREC: tl.constexpr,
                EMU_BF16: tl.constexpr, HAS_SOFTCAP: tl.constexpr, USE_DESC: tl.constexpr,
                BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_DV: tl.constexpr, FAST_MASK: tl.constexpr):
-    """Online softmax over the key tiles [lo, hi): the FlashAttention-2 inner loop. EDGE tiles
-    apply the band and bounds; full tiles skip them. A row-broadcast mask (MASK_ROWS_BCAST) is
-    one [BLOCK_N] load per key tile, folded with the scale into one FMA."""
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+               BLOCK_DV: tl.constexpr, FAST_MASK: tl.constexpr, STATS_ONLY: tl.constexpr):
+    """``_fwd_step`` over the key tiles [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        if USE_DESC:  # TMA: out-of-range rows arrive as zeros
-            k = desc_k.load([b32, hk32, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-        else:
-            k = _load(K, offs_n, offs_d, skn, NK, D, EDGE, D != BLOCK_D)
-        kT = tl.trans(_operand(k, EMU_BF16))  # [BLOCK_D, BLOCK_N]
-        if FOLD_SCALE and not EDGE and MASK_KIND == _NO_MASK and not HAS_SOFTCAP:
-            # Plain full tile: the scale rides on the row max and on one FMA before exp2.
-            x = tl.dot(q, kT, input_precision=PREC)  # [BLOCK_M, BLOCK_N]
-            m_new = tl.maximum(m_i, tl.max(x, 1) * (scale * _LOG2E))  # [BLOCK_M]
-            m_safe = m_new
-            p = tl.math.exp2(x * (scale * _LOG2E) - m_new[:, None])  # [BLOCK_M, BLOCK_N]
-        else:
-            y, c, _ = _raw_scores(q, kT, scale, softcap, PREC, HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
-            if MASK_ROWS_BCAST:  # the same mask for every query row: a vector, no tile
-                mrow = _mask_row(Mask, start_n, smn, NK, EDGE, MASK_KIND,
-                                 BLOCK_N)[None, :]  # [1, BLOCK_N]
-            else:
-                mrow = 0
-            s = _masked_scores2(y, c, mrow, offs_m[:, None], offs_n[None, :], Mask, smm, smn,
-                                NQ, NK, fill2, MASK_KIND, MASK_ROWS_BCAST, not EDGE,
-                                FAST_MASK)  # [BLOCK_M, BLOCK_N]
-            if EDGE:
-                s = _band(s, offs_m[:, None], offs_n[None, :], NK, offset, left, right)
-            m_new = tl.maximum(m_i, tl.max(s, 1))  # [BLOCK_M]
-            # A row with no key so far has m = -inf: subtract 0 instead, so p = 0, not NaN.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
-        alpha = tl.math.exp2(m_i - m_safe)  # [BLOCK_M]
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if USE_DESC:
-            v = desc_v.load([b32, hk32, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
-        else:
-            v = _load(V, offs_n, offs_dv, svn, NK, DV, EDGE, DV != BLOCK_DV)
-        v = _operand(v, EMU_BF16)  # [BLOCK_N, BLOCK_DV]
-        if DROPOUT:  # l keeps every p (the softmax's denominator); acc only the kept ones
-            p = tl.where(_dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], drop_p), p, 0.0)
-        acc = acc * alpha[:, None]  # [BLOCK_M, BLOCK_DV]
-        acc = tl.dot(_lowp(p, v, EMU_BF16), v, acc, input_precision=PREC)
-        m_i = m_new
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, desc_k, desc_v, Mask, seed, bh, b32,
+                                  hk32, offs_m, start_n, skn, svn, smm, smn, NQ, NK, scale,
+                                  fill2, offset, left, right, softcap, drop_p, EDGE, MASK_KIND,
+                                  MASK_ROWS_BCAST, DROPOUT, FOLD_SCALE, PREC, EMU_BF16,
+                                  HAS_SOFTCAP, USE_DESC, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV,
+                                  FAST_MASK, STATS_ONLY)
     return acc, l_i, m_i
 
 
@@ -398,9 +455,9 @@ def _fwd_rows(q, K, V, desc_k, desc_v, Mask, seed, bh, b32, hk32, offs_m, t0, f0
               FOLD_SCALE: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, USE_DESC: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_DV: tl.constexpr, FAST_MASK: tl.constexpr):
+              BLOCK_DV: tl.constexpr, FAST_MASK: tl.constexpr, STATS_ONLY: tl.constexpr = False):
     """acc, l, m of one query block: full key tiles [f0, f1), then the edge tiles [t0, f0) and
-    [f1, t1)."""
+    [f1, t1). STATS_ONLY: l and m alone (acc stays 0)."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -408,17 +465,17 @@ def _fwd_rows(q, K, V, desc_k, desc_v, Mask, seed, bh, b32, hk32, offs_m, t0, f0
                                offs_m, f0, f1, skn, svn, smm, smn, NQ, NK, scale, fill2, offset,
                                left, right, softcap, drop_p, False, MASK_KIND, MASK_ROWS_BCAST,
                                DROPOUT, FOLD_SCALE, PREC, EMU_BF16, HAS_SOFTCAP, USE_DESC,
-                               BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, FAST_MASK)
+                               BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, FAST_MASK, STATS_ONLY)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, desc_k, desc_v, Mask, seed, bh, b32, hk32,
                                offs_m, t0, f0, skn, svn, smm, smn, NQ, NK, scale, fill2, offset,
                                left, right, softcap, drop_p, True, MASK_KIND, MASK_ROWS_BCAST,
                                DROPOUT, FOLD_SCALE, PREC, EMU_BF16, HAS_SOFTCAP, USE_DESC,
-                               BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, FAST_MASK)
+                               BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, FAST_MASK, STATS_ONLY)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, desc_k, desc_v, Mask, seed, bh, b32, hk32,
                                offs_m, f1, t1, skn, svn, smm, smn, NQ, NK, scale, fill2, offset,
                                left, right, softcap, drop_p, True, MASK_KIND, MASK_ROWS_BCAST,
                                DROPOUT, FOLD_SCALE, PREC, EMU_BF16, HAS_SOFTCAP, USE_DESC,
-                               BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, FAST_MASK)
+                               BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, FAST_MASK, STATS_ONLY)
     return acc, l_i, m_i
 
 
@@ -507,54 +564,132 @@ def _bwd_preprocess(Out, DO, Delta, sob, soh, som, sdb, sdh, sdm, NQ, DV,
 
 
 @triton.jit
+def _saved_stats(Lse, offs_m, slm, NQ):
+    """(m2, l2) = (lse·log2e, 0) of one head's rows from the saved lse (+inf where a row has no
+    key), and whether any of them is huge (|m2| >= _EXACT_ROW_BOUND: recompute the block)."""
+    m2 = _load_lse2(Lse + offs_m * slm, offs_m < NQ)  # [BLOCK_M]
+    big = tl.max(tl.where(m2 == float("inf"), 0.0, tl.abs(m2)), 0)
+    return m2, tl.zeros_like(m2), big >= _EXACT_ROW_BOUND
+
+
+@triton.jit
+def _stats_of(m_i, l_i):
+    """(m2, l2) = (m, log2 l) of rows with running max m and sum l; (+inf, 0) for a row with no
+    key (p = 0 there)."""
+    empty = l_i == 0.0
+    return (tl.where(empty, float("inf"), m_i),
+            tl.where(empty, 0.0, tl.math.log2(tl.where(empty, 1.0, l_i))))
+
+
+@triton.jit
+def _store_stats(Stats, offs_m, NQ, m2, l2):
+    """One head's rows of the row statistics ([2, Nq]: m2, then l2)."""
+    tl.store(Stats + offs_m, m2, mask=offs_m < NQ)
+    tl.store(Stats + NQ + offs_m, l2, mask=offs_m < NQ)
+
+
+@triton.jit
+def _bwd_row_stats(Q, K, Mask, Lse, Stats, sqb, sqh, sqm, skb, skh, skn, smb, smh, smm, smn,
+                   slb, slh, slm, HQ, GROUP, NQ, NK, scale, fill2, offset, left, right, softcap,
+                   D: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS_BCAST: tl.constexpr,
+                   TRIM_KEYS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+                   EMU_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """Stats [B, Hq, 2, Nq] = (m2, l2) per row for the backward's p = exp2(s − m2 − l2).
+
+    lse2 = m + log2 l in one fp32 loses log2 l once |m| is huge: a row whose every key carries
+    a finite fill (finfo.min, -1e9) has m near the fill and l up to Nk, and exp2(s − lse2) then
+    gives 1 or 0 instead of 1/l. A query block with such a row (|lse2| >= _EXACT_ROW_BOUND)
+    recomputes m and l with the forward's loop (scores only); every other block keeps
+    (lse2, 0) and costs one load and two stores."""
+    start_m = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    m2, l2, huge = _saved_stats(Lse + b * slb + h * slh, offs_m, slm, NQ)  # [BLOCK_M] each
+    if huge:
+        q = _operand(_load(Q + b * sqb + h * sqh, offs_m, tl.arange(0, BLOCK_D), sqm, NQ, D,
+                           True, D != BLOCK_D), EMU_BF16)  # [BLOCK_M, BLOCK_D]
+        Kh = K + b * skb + (h // GROUP) * skh
+        Maskh = Mask + b * smb + h * smh
+        klo, khi = 0, NK
+        if TRIM_KEYS:
+            klo, khi = _kept_range(Maskh, smn, NK, MASK_KIND, 1024)
+        t0, f0, f1, t1 = _key_tiles(start_m, NK, offset, left, right, klo, khi, BLOCK_M,
+                                    BLOCK_N)
+        _, l_i, m_i = _fwd_rows(q, Kh, Kh, Kh, Kh, Maskh, 0, 0, 0, 0, offs_m, t0, f0, f1, t1,
+                                skn, skn, smm, smn, NQ, NK, scale, fill2, offset, left, right,
+                                softcap, 0.0, MASK_KIND, MASK_ROWS_BCAST, False, False, PREC,
+                                EMU_BF16, HAS_SOFTCAP, False, BLOCK_M, BLOCK_N, D, D, BLOCK_D,
+                                BLOCK_D, False, True)
+        m2, l2 = _stats_of(m_i, l_i)
+    _store_stats(Stats + (b * HQ + h) * 2 * NQ, offs_m, NQ, m2, l2)
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, Q, DO, Lse, Delta, Mask, mrow, seed, bh, offs_n, start_m,
+               sqm, sdm, slm, smm, smn, NQ, NK, scale, fill2, offset, left, right, softcap,
+               drop_p, keep_scale, EDGE: tl.constexpr, EXACT_ROWS: tl.constexpr,
+               MASK_KIND: tl.constexpr, MASK_ROWS_BCAST: tl.constexpr, DROPOUT: tl.constexpr,
+               PREC: tl.constexpr, EMU_BF16: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               BLOCK_M: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_DV: tl.constexpr):
+    """dk, dv of one key block from the query tile [start_m, start_m + BLOCK_M) of one query
+    head (the block-sparse kernels take it too). MASK_ROWS_BCAST: ``mrow`` [BLOCK_N, 1] is the
+    key block's mask row (``_mask_row``)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    in_m = offs_m < NQ
+    q = _operand(_load(Q, offs_m, tl.arange(0, BLOCK_D), sqm, NQ, D, EDGE, D != BLOCK_D),
+                 EMU_BF16)  # [BLOCK_M, BLOCK_D]
+    yT, c, dtT = _raw_scores(k, tl.trans(q), scale, softcap, PREC,
+                             HAS_SOFTCAP)  # [BLOCK_N, BLOCK_M]
+    sT = _masked_scores2(yT, c, mrow, offs_m[None, :], offs_n[:, None], Mask, smm, smn, NQ,
+                         NK, fill2, MASK_KIND, MASK_ROWS_BCAST)  # [BLOCK_N, BLOCK_M]
+    if EDGE:
+        sT = _band(sT, offs_m[None, :], offs_n[:, None], NK, offset, left, right)
+    m2, l2 = _row_stats(Lse, offs_m, slm, NQ, EXACT_ROWS)  # [BLOCK_M] each
+    delta = tl.load(Delta + offs_m, mask=in_m, other=0.0)  # [BLOCK_M]
+    pT = _probs(sT, m2[None, :], l2[None, :], EXACT_ROWS)  # [BLOCK_N, BLOCK_M]
+    do = _operand(_load(DO, offs_m, tl.arange(0, BLOCK_DV), sdm, NQ, DV, EDGE, DV != BLOCK_DV),
+                  EMU_BF16)  # [BLOCK_M, BLOCK_DV]
+    dpT = tl.dot(v, tl.trans(do), input_precision=PREC)  # [BLOCK_N, BLOCK_M]
+    if DROPOUT:
+        keepT = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], drop_p)
+        pdT = tl.where(keepT, pT * keep_scale, 0.0)
+        dpT = tl.where(keepT, dpT * keep_scale, 0.0)
+    else:
+        pdT = pT
+    dv = tl.dot(_lowp(pdT, do, EMU_BF16), do, dv, input_precision=PREC)  # [BLOCK_N, BLOCK_DV]
+    dsT = pT * (dpT - delta[None, :])  # [BLOCK_N, BLOCK_M]
+    if MASK_KIND == _BOOL_MASK:  # filled scores are constants: probability but no gradient
+        if MASK_ROWS_BCAST:
+            attendT = mrow  # [BLOCK_N, 1]
+        else:
+            attendT = _keep_bool(Mask, offs_m[None, :], offs_n[:, None], smm, smn, NQ,
+                                 NK)  # [BLOCK_N, BLOCK_M]
+        dsT = tl.where(attendT, dsT, 0.0)
+    if HAS_SOFTCAP:  # through the cap: d(softcap·tanh(x/softcap))/dx = 1 − t²
+        dsT = dsT * dtT
+    dk = tl.dot(_lowp(dsT, q, EMU_BF16), q, dk, input_precision=PREC)  # [BLOCK_N, BLOCK_D]
+    return dk, dv
+
+
+@triton.jit
 def _dkdv_tiles(dk, dv, k, v, Q, DO, Lse, Delta, Mask, mrow, seed, bh, offs_n, lo, hi,
                 sqm, sdm, slm, smm, smn, NQ, NK, scale, fill2, offset, left, right, softcap,
-                drop_p, keep_scale, EDGE: tl.constexpr, MASK_KIND: tl.constexpr,
-                MASK_ROWS_BCAST: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
-                EMU_BF16: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
-                D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+                drop_p, keep_scale, EDGE: tl.constexpr, EXACT_ROWS: tl.constexpr,
+                MASK_KIND: tl.constexpr, MASK_ROWS_BCAST: tl.constexpr, DROPOUT: tl.constexpr,
+                PREC: tl.constexpr, EMU_BF16: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                BLOCK_M: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_DV: tl.constexpr):
-    """Accumulate dk, dv of one key block over the query tiles [lo, hi) of one query head.
-    MASK_ROWS_BCAST: ``mrow`` [BLOCK_N, 1] is the key block's mask row (``_mask_row``)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    """``_dkdv_step`` over the query tiles [lo, hi)."""
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        in_m = offs_m < NQ
-        q = _operand(_load(Q, offs_m, offs_d, sqm, NQ, D, EDGE, D != BLOCK_D),
-                     EMU_BF16)  # [BLOCK_M, BLOCK_D]
-        yT, c, dtT = _raw_scores(k, tl.trans(q), scale, softcap, PREC,
-                                 HAS_SOFTCAP)  # [BLOCK_N, BLOCK_M]
-        sT = _masked_scores2(yT, c, mrow, offs_m[None, :], offs_n[:, None], Mask, smm, smn, NQ,
-                             NK, fill2, MASK_KIND, MASK_ROWS_BCAST)  # [BLOCK_N, BLOCK_M]
-        if EDGE:
-            sT = _band(sT, offs_m[None, :], offs_n[:, None], NK, offset, left, right)
-        lse2 = _load_lse2(Lse + offs_m * slm, in_m)  # [BLOCK_M]
-        delta = tl.load(Delta + offs_m, mask=in_m, other=0.0)  # [BLOCK_M]
-        # p <= 1 in exact arithmetic; the clamp stops rounding of a huge lse from giving inf.
-        pT = tl.math.exp2(tl.minimum(sT - lse2[None, :], 0.0))  # [BLOCK_N, BLOCK_M]
-        do = _operand(_load(DO, offs_m, offs_dv, sdm, NQ, DV, EDGE, DV != BLOCK_DV),
-                      EMU_BF16)  # [BLOCK_M, BLOCK_DV]
-        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)  # [BLOCK_N, BLOCK_M]
-        if DROPOUT:
-            keepT = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], drop_p)
-            pdT = tl.where(keepT, pT * keep_scale, 0.0)
-            dpT = tl.where(keepT, dpT * keep_scale, 0.0)
-        else:
-            pdT = pT
-        dv = tl.dot(_lowp(pdT, do, EMU_BF16), do, dv, input_precision=PREC)  # [BLOCK_N, BLOCK_DV]
-        dsT = pT * (dpT - delta[None, :])  # [BLOCK_N, BLOCK_M]
-        if MASK_KIND == _BOOL_MASK:  # filled scores are constants: probability but no gradient
-            if MASK_ROWS_BCAST:
-                attendT = mrow  # [BLOCK_N, 1]
-            else:
-                attendT = _keep_bool(Mask, offs_m[None, :], offs_n[:, None], smm, smn, NQ,
-                                   NK)  # [BLOCK_N, BLOCK_M]
-            dsT = tl.where(attendT, dsT, 0.0)
-        if HAS_SOFTCAP:  # through the cap: d(softcap·tanh(x/softcap))/dx = 1 − t²
-            dsT = dsT * dtT
-        dk = tl.dot(_lowp(dsT, q, EMU_BF16), q, dk, input_precision=PREC)  # [BLOCK_N, BLOCK_D]
+        dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, Lse, Delta, Mask, mrow, seed, bh, offs_n,
+                            start_m, sqm, sdm, slm, smm, smn, NQ, NK, scale, fill2, offset, left,
+                            right, softcap, drop_p, keep_scale, EDGE, EXACT_ROWS, MASK_KIND,
+                            MASK_ROWS_BCAST, DROPOUT, PREC, EMU_BF16, HAS_SOFTCAP, BLOCK_M, D,
+                            DV, BLOCK_D, BLOCK_DV)
     return dk, dv
 
 
@@ -567,9 +702,10 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, DO, Lse, Delta, DK, DV_, Seed,
                      keep_scale, NQ_BUCKET, NK_BUCKET, BANDED,
                      D: tl.constexpr, DV: tl.constexpr, MASK_KIND: tl.constexpr,
                      MASK_ROWS_BCAST: tl.constexpr, TRIM_KEYS: tl.constexpr,
-                     HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
-                     EMU_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                     EXACT_ROWS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                     DROPOUT: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_DV: tl.constexpr):
     """dk, dv for one key block of one kv head, summed over its G query heads (no atomics)."""
     start_n = tl.program_id(0) * BLOCK_N
     hk = tl.program_id(1).to(tl.int64)
@@ -610,17 +746,20 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, DO, Lse, Delta, DK, DV_, Seed,
             mrow = 0
         dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, Lseh, Deltah, Maskh, mrow, seed, bh,
                              offs_n, g1, g2, sqm, sdm, slm, smm, smn, NQ, NK, scale, fill2,
-                             offset, left, right, softcap, drop_p, keep_scale, False, MASK_KIND,
+                             offset, left, right, softcap, drop_p, keep_scale, False, EXACT_ROWS,
+                             MASK_KIND,
                              MASK_ROWS_BCAST, DROPOUT, PREC, EMU_BF16, HAS_SOFTCAP, BLOCK_M, D,
                              DV, BLOCK_D, BLOCK_DV)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, Lseh, Deltah, Maskh, mrow, seed, bh,
                              offs_n, g0, g1, sqm, sdm, slm, smm, smn, NQ, NK, scale, fill2,
-                             offset, left, right, softcap, drop_p, keep_scale, True, MASK_KIND,
+                             offset, left, right, softcap, drop_p, keep_scale, True, EXACT_ROWS,
+                             MASK_KIND,
                              MASK_ROWS_BCAST, DROPOUT, PREC, EMU_BF16, HAS_SOFTCAP, BLOCK_M, D,
                              DV, BLOCK_D, BLOCK_DV)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, Lseh, Deltah, Maskh, mrow, seed, bh,
                              offs_n, g2, g3, sqm, sdm, slm, smm, smn, NQ, NK, scale, fill2,
-                             offset, left, right, softcap, drop_p, keep_scale, True, MASK_KIND,
+                             offset, left, right, softcap, drop_p, keep_scale, True, EXACT_ROWS,
+                             MASK_KIND,
                              MASK_ROWS_BCAST, DROPOUT, PREC, EMU_BF16, HAS_SOFTCAP, BLOCK_M, D,
                              DV, BLOCK_D, BLOCK_DV)
     dk = dk * scale
@@ -631,53 +770,69 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, DO, Lse, Delta, DK, DV_, Seed,
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, K, V, Mask, DS, seed, bh, offs_m, lo, hi,
+def _dq_step(dq, q, do, m2, l2, delta, K, V, Mask, DS, seed, bh, offs_m, start_n,
+             skn, svn, smm, smn, sdsm, NQ, NK, scale, fill2, offset, left, right, softcap,
+             drop_p, keep_scale, EDGE: tl.constexpr, EXACT_ROWS: tl.constexpr,
+             MASK_KIND: tl.constexpr, MASK_ROWS_BCAST: tl.constexpr, DROPOUT: tl.constexpr,
+             PREC: tl.constexpr, EMU_BF16: tl.constexpr, WRITE_DS: tl.constexpr,
+             HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+             DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """dq of one query block from the key tile [start_n, start_n + BLOCK_N) (the block-sparse
+    kernels take it too); with WRITE_DS also that tile's dS."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _operand(_load(K, offs_n, tl.arange(0, BLOCK_D), skn, NK, D, EDGE, D != BLOCK_D),
+                 EMU_BF16)  # [BLOCK_N, BLOCK_D]
+    v = _operand(_load(V, offs_n, tl.arange(0, BLOCK_DV), svn, NK, DV, EDGE, DV != BLOCK_DV),
+                 EMU_BF16)  # [BLOCK_N, BLOCK_DV]
+    y, c, dt = _raw_scores(q, tl.trans(k), scale, softcap, PREC,
+                           HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
+    if MASK_ROWS_BCAST:  # the same mask for every query row: a vector, no tile
+        mrow = _mask_row(Mask, start_n, smn, NK, EDGE, MASK_KIND,
+                         BLOCK_N)[None, :]  # [1, BLOCK_N]
+    else:
+        mrow = 0
+    s = _masked_scores2(y, c, mrow, offs_m[:, None], offs_n[None, :], Mask, smm, smn, NQ, NK,
+                        fill2, MASK_KIND, MASK_ROWS_BCAST)  # [BLOCK_M, BLOCK_N]
+    if EDGE:
+        s = _band(s, offs_m[:, None], offs_n[None, :], NK, offset, left, right)
+    p = _probs(s, m2[:, None], l2[:, None], EXACT_ROWS)  # [BLOCK_M, BLOCK_N]
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # [BLOCK_M, BLOCK_N]
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], drop_p)
+        dp = tl.where(keep, dp * keep_scale, 0.0)
+    ds = p * (dp - delta[:, None])  # [BLOCK_M, BLOCK_N]
+    if MASK_KIND == _BOOL_MASK:  # filled scores are constants: probability but no gradient
+        if MASK_ROWS_BCAST:
+            attend = mrow  # [1, BLOCK_N]
+        else:
+            attend = _keep_bool(Mask, offs_m[:, None], offs_n[None, :], smm, smn, NQ,
+                                NK)  # [BLOCK_M, BLOCK_N]
+        ds = tl.where(attend, ds, 0.0)
+    if WRITE_DS:  # the additive mask's gradient: dS of the capped scores
+        tl.store(DS + offs_m[:, None] * sdsm + offs_n[None, :], ds,
+                 mask=(offs_m[:, None] < NQ) & (offs_n[None, :] < NK))
+    if HAS_SOFTCAP:  # through the cap: d(softcap·tanh(x/softcap))/dx = 1 − t²
+        ds = ds * dt
+    dq = tl.dot(_lowp(ds, k, EMU_BF16), k, dq, input_precision=PREC)  # [BLOCK_M, BLOCK_D]
+    return dq
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, m2, l2, delta, K, V, Mask, DS, seed, bh, offs_m, lo, hi,
               skn, svn, smm, smn, sdsm, NQ, NK, scale, fill2, offset, left, right, softcap,
-              drop_p, keep_scale, EDGE: tl.constexpr, MASK_KIND: tl.constexpr,
-              MASK_ROWS_BCAST: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
-              EMU_BF16: tl.constexpr, WRITE_DS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-              BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_DV: tl.constexpr):
-    """Accumulate dq of one query block over the key tiles [lo, hi)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+              drop_p, keep_scale, EDGE: tl.constexpr, EXACT_ROWS: tl.constexpr,
+              MASK_KIND: tl.constexpr, MASK_ROWS_BCAST: tl.constexpr, DROPOUT: tl.constexpr,
+              PREC: tl.constexpr, EMU_BF16: tl.constexpr, WRITE_DS: tl.constexpr,
+              HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+              DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """``_dq_step`` over the key tiles [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _operand(_load(K, offs_n, offs_d, skn, NK, D, EDGE, D != BLOCK_D),
-                     EMU_BF16)  # [BLOCK_N, BLOCK_D]
-        v = _operand(_load(V, offs_n, offs_dv, svn, NK, DV, EDGE, DV != BLOCK_DV),
-                     EMU_BF16)  # [BLOCK_N, BLOCK_DV]
-        y, c, dt = _raw_scores(q, tl.trans(k), scale, softcap, PREC,
-                               HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
-        if MASK_ROWS_BCAST:  # the same mask for every query row: a vector, no tile
-            mrow = _mask_row(Mask, start_n, smn, NK, EDGE, MASK_KIND,
-                             BLOCK_N)[None, :]  # [1, BLOCK_N]
-        else:
-            mrow = 0
-        s = _masked_scores2(y, c, mrow, offs_m[:, None], offs_n[None, :], Mask, smm, smn, NQ, NK,
-                            fill2, MASK_KIND, MASK_ROWS_BCAST)  # [BLOCK_M, BLOCK_N]
-        if EDGE:
-            s = _band(s, offs_m[:, None], offs_n[None, :], NK, offset, left, right)
-        p = tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0))  # [BLOCK_M, BLOCK_N]
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # [BLOCK_M, BLOCK_N]
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], drop_p)
-            dp = tl.where(keep, dp * keep_scale, 0.0)
-        ds = p * (dp - delta[:, None])  # [BLOCK_M, BLOCK_N]
-        if MASK_KIND == _BOOL_MASK:  # filled scores are constants: probability but no gradient
-            if MASK_ROWS_BCAST:
-                attend = mrow  # [1, BLOCK_N]
-            else:
-                attend = _keep_bool(Mask, offs_m[:, None], offs_n[None, :], smm, smn, NQ,
-                                  NK)  # [BLOCK_M, BLOCK_N]
-            ds = tl.where(attend, ds, 0.0)
-        if WRITE_DS:  # the additive mask's gradient: dS of the capped scores
-            tl.store(DS + offs_m[:, None] * sdsm + offs_n[None, :], ds,
-                     mask=(offs_m[:, None] < NQ) & (offs_n[None, :] < NK))
-        if HAS_SOFTCAP:  # through the cap: d(softcap·tanh(x/softcap))/dx = 1 − t²
-            ds = ds * dt
-        dq = tl.dot(_lowp(ds, k, EMU_BF16), k, dq, input_precision=PREC)  # [BLOCK_M, BLOCK_D]
+        dq = _dq_step(dq, q, do, m2, l2, delta, K, V, Mask, DS, seed, bh, offs_m, start_n, skn,
+                      svn, smm, smn, sdsm, NQ, NK, scale, fill2, offset, left, right, softcap,
+                      drop_p, keep_scale, EDGE, EXACT_ROWS, MASK_KIND, MASK_ROWS_BCAST,
+                      DROPOUT, PREC, EMU_BF16, WRITE_DS, HAS_SOFTCAP, BLOCK_N, D, DV, BLOCK_D,
+                      BLOCK_DV)
     return dq
 
 
@@ -690,7 +845,8 @@ def _bwd_dq_kernel(Q, K, V, Mask, DO, Lse, Delta, DQ, DS, Seed,
                    keep_scale, NQ_BUCKET, NK_BUCKET, BANDED,
                    D: tl.constexpr, DV: tl.constexpr, MASK_KIND: tl.constexpr,
                    MASK_ROWS_BCAST: tl.constexpr, TRIM_KEYS: tl.constexpr,
-                   HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+                   EXACT_ROWS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                   DROPOUT: tl.constexpr, PREC: tl.constexpr,
                    EMU_BF16: tl.constexpr, WRITE_DS: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """dq for one query block of one query head; with WRITE_DS also dS into an fp32 buffer."""
@@ -707,7 +863,7 @@ def _bwd_dq_kernel(Q, K, V, Mask, DO, Lse, Delta, DQ, DS, Seed,
                  EMU_BF16)  # [BLOCK_M, BLOCK_D]
     do = _operand(_load(DO + b * sdb + h * sdh, offs_m, offs_dv, sdm, NQ, DV, True,
                         DV != BLOCK_DV), EMU_BF16)  # [BLOCK_M, BLOCK_DV]
-    lse2 = _load_lse2(Lse + b * slb + h * slh + offs_m * slm, in_m)  # [BLOCK_M]
+    m2, l2 = _row_stats(Lse + b * slb + h * slh, offs_m, slm, NQ, EXACT_ROWS)  # [BLOCK_M] each
     delta = tl.load(Delta + (b * HQ + h) * NQ + offs_m, mask=in_m, other=0.0)
     seed = tl.load(Seed) if DROPOUT else 0
     K += b * skb + hk * skh
@@ -719,17 +875,20 @@ def _bwd_dq_kernel(Q, K, V, Mask, DO, Lse, Delta, DQ, DS, Seed,
     if TRIM_KEYS:
         klo, khi = _kept_range(Mask, smn, NK, MASK_KIND, 1024)
     t0, f0, f1, t1 = _key_tiles(start_m, NK, offset, left, right, klo, khi, BLOCK_M, BLOCK_N)
-    dq = _dq_tiles(dq, q, do, lse2, delta, K, V, Mask, DS, seed, bh, offs_m, f0, f1,
+    dq = _dq_tiles(dq, q, do, m2, l2, delta, K, V, Mask, DS, seed, bh, offs_m, f0, f1,
                    skn, svn, smm, smn, sdsm, NQ, NK, scale, fill2, offset, left, right, softcap,
-                   drop_p, keep_scale, False, MASK_KIND, MASK_ROWS_BCAST, DROPOUT, PREC,
+                   drop_p, keep_scale, False, EXACT_ROWS, MASK_KIND, MASK_ROWS_BCAST,
+                   DROPOUT, PREC,
                    EMU_BF16, WRITE_DS, HAS_SOFTCAP, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV)
-    dq = _dq_tiles(dq, q, do, lse2, delta, K, V, Mask, DS, seed, bh, offs_m, t0, f0,
+    dq = _dq_tiles(dq, q, do, m2, l2, delta, K, V, Mask, DS, seed, bh, offs_m, t0, f0,
                    skn, svn, smm, smn, sdsm, NQ, NK, scale, fill2, offset, left, right, softcap,
-                   drop_p, keep_scale, True, MASK_KIND, MASK_ROWS_BCAST, DROPOUT, PREC,
+                   drop_p, keep_scale, True, EXACT_ROWS, MASK_KIND, MASK_ROWS_BCAST,
+                   DROPOUT, PREC,
                    EMU_BF16, WRITE_DS, HAS_SOFTCAP, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV)
-    dq = _dq_tiles(dq, q, do, lse2, delta, K, V, Mask, DS, seed, bh, offs_m, f1, t1,
+    dq = _dq_tiles(dq, q, do, m2, l2, delta, K, V, Mask, DS, seed, bh, offs_m, f1, t1,
                    skn, svn, smm, smn, sdsm, NQ, NK, scale, fill2, offset, left, right, softcap,
-                   drop_p, keep_scale, True, MASK_KIND, MASK_ROWS_BCAST, DROPOUT, PREC,
+                   drop_p, keep_scale, True, EXACT_ROWS, MASK_KIND, MASK_ROWS_BCAST,
+                   DROPOUT, PREC,
                    EMU_BF16, WRITE_DS, HAS_SOFTCAP, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV)
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
              _for_store(dq * scale, DQ, EMU_BF16), mask=in_m[:, None] & (offs_d[None, :] < D))
@@ -1013,6 +1172,14 @@ def _mask_args(mask: Optional[torch.Tensor], dummy: torch.Tensor, mask_fill: flo
     return mask, strides, dict(flags, MASK_KIND=_ADD_MASK.value)
 
 
+def _exact_rows(mask_flags: dict, fill2: float) -> bool:
+    """Whether the backward reads exact row statistics (EXACT_ROWS, ``_bwd_row_stats``): with
+    finite scores of any size (an additive mask, a bool mask's finite fill) a row's lse can
+    absorb log2 of its sum; scores bounded by the model's own logits or -inf never do."""
+    kind = mask_flags["MASK_KIND"]
+    return kind == _ADD_MASK.value or (kind == _BOOL_MASK.value and math.isfinite(fill2))
+
+
 def _fill2(mask_fill: float) -> float:
     """The bool-mask fill in base 2; a finite fill stays finite (see _MIN_SCORE2); ±inf pass."""
     fill = float(mask_fill)
@@ -1132,6 +1299,28 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out, lse
 
 
+def _row_stats_launch(q: torch.Tensor, k: torch.Tensor, m: torch.Tensor,
+                      m_strides: tuple[int, int, int, int], lse: torch.Tensor,
+                      stats: torch.Tensor, common: dict) -> None:
+    """Fill ``stats`` ([B, Hq, 2, Nq]) with the backward's exact row statistics. Fixed tiles, no
+    autotuning: a block without a huge row only copies its lse. fp32 dots take 32x32 tiles (at
+    64x64 ptxas spilled tens of KB for sm_90: compile_targets.py)."""
+    b, hq, nq, _ = q.shape
+    if _INTERPRET:
+        block_m, block_n = 16, 16
+    elif common["PREC"] == "ieee":
+        block_m, block_n = 32, 32
+    else:
+        block_m, block_n = 64, 32 if common["BLOCK_D"] > 128 else 64
+    names = ("HQ", "GROUP", "NQ", "NK", "scale", "fill2", "offset", "left", "right", "softcap",
+             "D", "MASK_KIND", "MASK_ROWS_BCAST", "TRIM_KEYS", "HAS_SOFTCAP", "PREC", "EMU_BF16",
+             "BLOCK_D")
+    _bwd_row_stats[(cdiv(nq, block_m), hq, b)](
+        q, k, m, lse, stats, *q.stride()[:3], *k.stride()[:3], *m_strides, *lse.stride(),
+        **{n: common[n] for n in names}, BLOCK_M=block_m, BLOCK_N=block_n,
+        **({} if _INTERPRET else {"num_warps": 4}))
+
+
 def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
                    scale: Optional[float] = None, causal: str = "none",
@@ -1171,10 +1360,16 @@ def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         m, m_strides, mask_flags = _mask_args(mask, q, mask_fill)
         common = dict(_common(q, k, scale, causal, mask_fill, softcap, window, dropout_p),
                       DV=dv_dim, BLOCK_DV=_block(dv_dim), **mask_flags)
+        exact_rows = common["EXACT_ROWS"] = _exact_rows(mask_flags, common["fill2"])
+        # EXACT_ROWS: the backward kernels read (m2, l2) [B, Hq, 2, Nq] where they read lse.
+        rows, row_strides = lse, lse.stride()
+        if exact_rows:
+            rows = torch.empty((b, hq, 2, nq), dtype=torch.float32, device=q.device)
+            row_strides = (rows.stride(0), rows.stride(1), rows.stride(3))
         delta = torch.empty((b, hq, nq), dtype=torch.float32, device=q.device)
         seed_arg = seed if common["DROPOUT"] else q
         shared = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *m_strides,
-                  *dout.stride()[:3], *lse.stride())
+                  *dout.stride()[:3], *row_strides)
         ds_arg, ds_strides = (ds, ds.stride()[:3]) if ds is not None else (q, (0, 0, 0))
 
         def grid_q(meta: dict) -> tuple[int, int, int]:
@@ -1187,11 +1382,13 @@ def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
             _bwd_preprocess[(cdiv(nq, _PREPROCESS_BLOCK_M), hq, b)](
                 out, dout, delta, *out.stride()[:3], *dout.stride()[:3], nq, dv_dim,
                 BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_DV=common["BLOCK_DV"])
+            if exact_rows:
+                _row_stats_launch(q, k, m, m_strides, lse, rows, common)
             _launch("dkdv", _dkdv, grid_k,
-                    (q, k, v, m, dout, lse, delta, dk, dv, seed_arg, *shared, *dk.stride()[:3],
+                    (q, k, v, m, dout, rows, delta, dk, dv, seed_arg, *shared, *dk.stride()[:3],
                      *dv.stride()[:3]), common)
             _launch("dq", _dq, grid_q,
-                    (q, k, v, m, dout, lse, delta, dq, ds_arg, seed_arg, *shared,
+                    (q, k, v, m, dout, rows, delta, dq, ds_arg, seed_arg, *shared,
                      *dq.stride()[:3], *ds_strides), dict(common, WRITE_DS=mask_grad))
     dmask = None
     if ds is not None:

@@ -16,13 +16,16 @@ Legend (the symbols of ``reference.py`` and ``flash.py``; every tile comment use
 
     Math: flash's FlashAttention-2 with S = -inf on skipped pairs:
     s = scale·log2e·q·kᵀ (+ log2e·mask | log2e·fill), m, l, acc online, out = acc / l,
-    lse = (m + log2 l)·ln 2; backward p = exp2(s − lse·log2e), δ = rowsum(dO ∘ out),
+    lse = (m + log2 l)·ln 2; backward p = exp2(s − m2 − l2) with flash's row statistics
+    (lse·log2e and 0, or exact for huge rows: ``_sparse_row_stats``), δ = rowsum(dO ∘ out),
     dS = p ∘ (dO·vᵀ − δ), dq = scale·dS·k, dk = scale·Σ_group dSᵀ·q, dv = Σ_group pᵀ·dO.
 
 Tiles: BLOCK_M x BLOCK_N divide MB_M x MB_N. A query tile reads its block row's lists and runs
 MB_N / BLOCK_N key tiles per listed key block (full blocks first, unmasked, then partial ones);
-the dK/dV kernel does the same over the transposed lists. The backward uses no atomics. Variants
-(mask kind, row-broadcast mask) are constexpr flags.
+the dK/dV kernel does the same over the transposed lists. Each tile is flash's own step
+(``flash._fwd_step``, ``_dkdv_step``, ``_dq_step``): only the walk over the lists is this
+file's. The backward uses no atomics. Variants (mask kind, row-broadcast mask) are constexpr
+flags.
 
 A block mask comes from ``sparse_layout`` (a bool block tensor, FlexAttention's ``BlockMask``,
 the dense band) or ``sparse_predict.predict`` (training-free, from pooled Q and K).
@@ -37,9 +40,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import (_band, _block, _bwd_preprocess, _device_ctx, _fill2, _for_store,
-                    _is_interpreted, _keep_bool, _load, _load_lse2, _lowp, _mask_row,
-                    _masked_scores2, _operand)
+from .flash import (_block, _bwd_preprocess, _device_ctx, _dkdv_step, _dq_step, _exact_rows,
+                    _fill2, _for_store, _fwd_step, _is_interpreted, _load, _mask_row, _operand,
+                    _row_stats, _saved_stats, _stats_of, _store_stats)
 from .flash import _mask_args as flash_mask_args
 from .reference import NO_WINDOW, band_offset, cdiv, check_window, operand_reasons
 from .sparse_layout import (BlockLayout, band_sides, default_block, layout_from_block_mask,
@@ -48,12 +51,8 @@ from .sparse_layout import (BlockLayout, band_sides, default_block, layout_from_
 __all__ = ["BlockLayout", "default_block", "sparse_forward", "sparse_backward", "sparse_attention",
            "as_layout", "supports"]
 
-_LOG2E_F = 1.4426950408889634
-_LN2_F = 0.6931471805599453
-_LOG2E = tl.constexpr(_LOG2E_F)
-_LN2 = tl.constexpr(_LN2_F)
+_LN2 = tl.constexpr(0.6931471805599453)
 _NO_MASK = tl.constexpr(0)
-_BOOL_MASK = tl.constexpr(1)
 _MAX_HEAD_DIM = 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -61,45 +60,38 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # ----------------------------------------------------------------------------- forward
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, K, V, Mask, offs_m, start_n, skn, svn, smm, smn, NQ, NK, scale,
-              fill2, offset, left, right, EDGE: tl.constexpr, MASK_KIND: tl.constexpr,
-              MASK_ROWS_BCAST: tl.constexpr, FOLD_SCALE: tl.constexpr, PREC: tl.constexpr,
-              EMU_BF16: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """One key tile [start_n, start_n + BLOCK_N) of the online softmax. EDGE (partial blocks)
-    applies bounds and the band; full tiles skip both."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    k = _load(K, offs_n, offs_d, skn, NK, D, EDGE, D != BLOCK_D)
-    kT = tl.trans(_operand(k, EMU_BF16))  # [BLOCK_D, BLOCK_N]
-    x = tl.dot(q, kT, input_precision=PREC)  # [BLOCK_M, BLOCK_N]
-    c = scale * _LOG2E
-    if FOLD_SCALE and not EDGE and MASK_KIND == _NO_MASK:
-        # Plain full tile: the scale rides on the row max and on one FMA before exp2.
-        m_new = tl.maximum(m_i, tl.max(x, 1) * c)  # [BLOCK_M]
-        m_safe = m_new
-        p = tl.math.exp2(x * c - m_new[:, None])  # [BLOCK_M, BLOCK_N]
-    else:
-        if MASK_ROWS_BCAST:  # the same mask for every query row: a vector, no tile
-            mrow = _mask_row(Mask, start_n, smn, NK, EDGE, MASK_KIND, BLOCK_N)[None, :]
-        else:
-            mrow = 0
-        s = _masked_scores2(x, c, mrow, offs_m[:, None], offs_n[None, :], Mask, smm, smn, NQ,
-                            NK, fill2, MASK_KIND, MASK_ROWS_BCAST)  # [BLOCK_M, BLOCK_N]
-        if EDGE:
-            s = _band(s, offs_m[:, None], offs_n[None, :], NK, offset, left, right)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with no key so far has m = -inf: subtract 0 instead, so p = 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)  # [BLOCK_M]
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = _operand(_load(V, offs_n, offs_dv, svn, NK, DV, EDGE, DV != BLOCK_DV),
-                 EMU_BF16)  # [BLOCK_N, BLOCK_DV]
-    acc = acc * alpha[:, None]
-    acc = tl.dot(_lowp(p, v, EMU_BF16), v, acc, input_precision=PREC)  # [BLOCK_M, BLOCK_DV]
-    return acc, l_i, m_new
+def _listed_rows(q, K, V, Mask, offs_m, FCnt, FIdx, PCnt, PIdx, cnt, idx, skn, svn, smm, smn,
+                 NQ, NK, scale, fill2, offset, left, right, MASK_KIND: tl.constexpr,
+                 MASK_ROWS_BCAST: tl.constexpr, FOLD_SCALE: tl.constexpr, PREC: tl.constexpr,
+                 EMU_BF16: tl.constexpr, MB_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, STATS_ONLY: tl.constexpr):
+    """acc, l, m of one query tile over its block row's listed key blocks: flash's tile step
+    on every key tile of the full blocks (unmasked), then of the partial ones (bounds, band).
+    STATS_ONLY: l and m alone."""
+    SUB: tl.constexpr = MB_N // BLOCK_N  # key tiles per key block
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    n_full = tl.load(FCnt + cnt)
+    n_part = tl.load(PCnt + cnt)
+    for t in range(0, n_full * SUB):
+        start_n = tl.load(FIdx + idx + t // SUB) * MB_N + (t % SUB) * BLOCK_N
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, K, V, Mask, 0, 0, 0, 0, offs_m,
+                                  start_n, skn, svn, smm, smn, NQ, NK, scale, fill2, offset, left,
+                                  right, 0.0, 0.0, False, MASK_KIND, MASK_ROWS_BCAST, False,
+                                  FOLD_SCALE, PREC, EMU_BF16, False, False, BLOCK_N, D, DV,
+                                  BLOCK_D, BLOCK_DV, False, STATS_ONLY)
+    for t in range(0, n_part * SUB):
+        start_n = tl.load(PIdx + idx + t // SUB) * MB_N + (t % SUB) * BLOCK_N
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, K, V, Mask, 0, 0, 0, 0, offs_m,
+                                  start_n, skn, svn, smm, smn, NQ, NK, scale, fill2, offset, left,
+                                  right, 0.0, 0.0, True, MASK_KIND, MASK_ROWS_BCAST, False,
+                                  FOLD_SCALE, PREC, EMU_BF16, False, False, BLOCK_N, D, DV,
+                                  BLOCK_D, BLOCK_DV, False, STATS_ONLY)
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -119,36 +111,16 @@ def _sparse_fwd_kernel(Q, K, V, Mask, Out, Lse, PCnt, PIdx, FCnt, FIdx,
     b = tl.program_id(2).to(tl.int64)
     hk = h // GROUP  # GQA: the kv head this query head reads
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _operand(_load(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, NQ, D, True, D != BLOCK_D),
-                 EMU_BF16)  # [BLOCK_M, BLOCK_D]
-    K += b * skb + hk * skh
-    V += b * svb + hk * svh
-    Mask += b * smb + h * smh
+    q = _operand(_load(Q + b * sqb + h * sqh, offs_m, tl.arange(0, BLOCK_D), sqm, NQ, D, True,
+                       D != BLOCK_D), EMU_BF16)  # [BLOCK_M, BLOCK_D]
     row = start_m // MB_M  # this tile's block row
-    cnt = b * scb + h * sch + row * scr
-    idx = b * sib + h * sih + row * sir
-    n_full = tl.load(FCnt + cnt)
-    n_part = tl.load(PCnt + cnt)
-    SUB: tl.constexpr = MB_N // BLOCK_N  # key tiles per key block
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for t in range(0, n_full * SUB):
-        start_n = tl.load(FIdx + idx + t // SUB) * MB_N + (t % SUB) * BLOCK_N
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, Mask, offs_m, start_n, skn, svn, smm,
-                                  smn, NQ, NK, scale, fill2, offset, left, right, False,
-                                  MASK_KIND, MASK_ROWS_BCAST, FOLD_SCALE, PREC, EMU_BF16,
-                                  BLOCK_N, D, DV, BLOCK_D, BLOCK_DV)
-    for t in range(0, n_part * SUB):
-        start_n = tl.load(PIdx + idx + t // SUB) * MB_N + (t % SUB) * BLOCK_N
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, Mask, offs_m, start_n, skn, svn, smm,
-                                  smn, NQ, NK, scale, fill2, offset, left, right, True,
-                                  MASK_KIND, MASK_ROWS_BCAST, FOLD_SCALE, PREC, EMU_BF16,
-                                  BLOCK_N, D, DV, BLOCK_D, BLOCK_DV)
+    acc, l_i, m_i = _listed_rows(q, K + b * skb + hk * skh, V + b * svb + hk * svh,
+                                 Mask + b * smb + h * smh, offs_m, FCnt, FIdx, PCnt, PIdx,
+                                 b * scb + h * sch + row * scr, b * sib + h * sih + row * sir,
+                                 skn, svn, smm, smn, NQ, NK, scale, fill2, offset, left, right,
+                                 MASK_KIND, MASK_ROWS_BCAST, FOLD_SCALE, PREC, EMU_BF16, MB_N,
+                                 BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False)
     empty = l_i == 0.0  # no key at all: out = 0, lse = -inf
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]  # [BLOCK_M, BLOCK_DV]
@@ -162,41 +134,33 @@ def _sparse_fwd_kernel(Q, K, V, Mask, Out, Lse, PCnt, PIdx, FCnt, FIdx,
 # ----------------------------------------------------------------------------- backward
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, Q, DO, Lse, Delta, Mask, mrow, offs_n, start_m, sqm, sdm, slm,
-               smm, smn, NQ, NK, scale, fill2, offset, left, right, EDGE: tl.constexpr,
-               MASK_KIND: tl.constexpr, MASK_ROWS_BCAST: tl.constexpr, PREC: tl.constexpr,
-               EMU_BF16: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
-               DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """dk, dv of one key tile from the query tile [start_m, start_m + BLOCK_M) of one head.
-    Full tiles lie inside [0, Nq) and the band: no bounds or band there."""
+def _sparse_row_stats(Q, K, Mask, Lse, Stats, PCnt, PIdx, FCnt, FIdx,
+                      sqb, sqh, sqm, skb, skh, skn, smb, smh, smm, smn, slb, slh, slm,
+                      scb, sch, scr, sib, sih, sir, HQ, GROUP, NQ, NK, scale, fill2, offset,
+                      left, right, D: tl.constexpr, MASK_KIND: tl.constexpr,
+                      MASK_ROWS_BCAST: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr,
+                      MB_M: tl.constexpr, MB_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Stats [B, Hq, 2, Nq] = (m2, l2) per row, as ``flash._bwd_row_stats`` (which says why),
+    over the listed blocks: a query tile with a huge finite lse recomputes m and l."""
+    start_m = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    in_m = offs_m < NQ
-    q = _operand(_load(Q, offs_m, offs_d, sqm, NQ, D, EDGE, D != BLOCK_D),
-                 EMU_BF16)  # [BLOCK_M, BLOCK_D]
-    xT = tl.dot(k, tl.trans(q), input_precision=PREC)  # [BLOCK_N, BLOCK_M]
-    sT = _masked_scores2(xT, scale * _LOG2E, mrow, offs_m[None, :], offs_n[:, None], Mask, smm,
-                         smn, NQ, NK, fill2, MASK_KIND, MASK_ROWS_BCAST)
-    if EDGE:
-        sT = _band(sT, offs_m[None, :], offs_n[:, None], NK, offset, left, right)
-    lse2 = _load_lse2(Lse + offs_m * slm, in_m)  # [BLOCK_M]
-    delta = tl.load(Delta + offs_m, mask=in_m, other=0.0)  # [BLOCK_M]
-    # p <= 1 in exact arithmetic; the clamp stops rounding of a huge lse from giving inf.
-    pT = tl.math.exp2(tl.minimum(sT - lse2[None, :], 0.0))  # [BLOCK_N, BLOCK_M]
-    do = _operand(_load(DO, offs_m, offs_dv, sdm, NQ, DV, EDGE, DV != BLOCK_DV),
-                  EMU_BF16)  # [BLOCK_M, BLOCK_DV]
-    dpT = tl.dot(v, tl.trans(do), input_precision=PREC)  # [BLOCK_N, BLOCK_M]
-    dv = tl.dot(_lowp(pT, do, EMU_BF16), do, dv, input_precision=PREC)  # [BLOCK_N, BLOCK_DV]
-    dsT = pT * (dpT - delta[None, :])  # [BLOCK_N, BLOCK_M]
-    if MASK_KIND == _BOOL_MASK:  # filled scores are constants: probability but no gradient
-        if MASK_ROWS_BCAST:
-            attendT = mrow  # [BLOCK_N, 1]
-        else:
-            attendT = _keep_bool(Mask, offs_m[None, :], offs_n[:, None], smm, smn, NQ, NK)
-        dsT = tl.where(attendT, dsT, 0.0)
-    dk = tl.dot(_lowp(dsT, q, EMU_BF16), q, dk, input_precision=PREC)  # [BLOCK_N, BLOCK_D]
-    return dk, dv
+    m2, l2, huge = _saved_stats(Lse + b * slb + h * slh, offs_m, slm, NQ)  # [BLOCK_M] each
+    if huge:
+        q = _operand(_load(Q + b * sqb + h * sqh, offs_m, tl.arange(0, BLOCK_D), sqm, NQ, D,
+                           True, D != BLOCK_D), EMU_BF16)  # [BLOCK_M, BLOCK_D]
+        Kh = K + b * skb + (h // GROUP) * skh
+        row = start_m // MB_M
+        _, l_i, m_i = _listed_rows(q, Kh, Kh, Mask + b * smb + h * smh, offs_m, FCnt, FIdx,
+                                   PCnt, PIdx, b * scb + h * sch + row * scr,
+                                   b * sib + h * sih + row * sir, skn, skn, smm, smn, NQ, NK,
+                                   scale, fill2, offset, left, right, MASK_KIND,
+                                   MASK_ROWS_BCAST, False, PREC, EMU_BF16, MB_N, BLOCK_M,
+                                   BLOCK_N, D, D, BLOCK_D, BLOCK_D, True)
+        m2, l2 = _stats_of(m_i, l_i)
+    _store_stats(Stats + (b * HQ + h) * 2 * NQ, offs_m, NQ, m2, l2)
 
 
 @triton.jit
@@ -206,12 +170,13 @@ def _sparse_dkdv_kernel(Q, K, V, Mask, DO, Lse, Delta, DK, DV_, PCnt, PIdx, FCnt
                         scb, sch, scr, sib, sih, sir,
                         HQ, GROUP, NQ, NK, scale, fill2, offset, left, right,
                         D: tl.constexpr, DV: tl.constexpr, MASK_KIND: tl.constexpr,
-                        MASK_ROWS_BCAST: tl.constexpr, PREC: tl.constexpr,
-                        EMU_BF16: tl.constexpr, MB_M: tl.constexpr, MB_N: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_DV: tl.constexpr):
+                        MASK_ROWS_BCAST: tl.constexpr, EXACT_ROWS: tl.constexpr,
+                        PREC: tl.constexpr, EMU_BF16: tl.constexpr, MB_M: tl.constexpr,
+                        MB_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """dk, dv for one key tile of one kv head, summed over its G query heads (no atomics);
-    the lists are the transposed ones (query blocks per key block)."""
+    the lists are the transposed ones (query blocks per key block), each query tile one
+    ``flash._dkdv_step``."""
     start_n = tl.program_id(0) * BLOCK_N
     hk = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -244,16 +209,18 @@ def _sparse_dkdv_kernel(Q, K, V, Mask, DO, Lse, Delta, DK, DV_, PCnt, PIdx, FCnt
         for t in range(0, n_full * SUB):
             start_m = tl.load(FIdx + idx + t // SUB) * MB_M + (t % SUB) * BLOCK_M
             start_m = tl.multiple_of(start_m, BLOCK_M)
-            dk, dv = _dkdv_tile(dk, dv, k, v, Qh, DOh, Lseh, Deltah, Maskh, mrow, offs_n, start_m,
-                                sqm, sdm, slm, smm, smn, NQ, NK, scale, fill2, offset, left,
-                                right, False, MASK_KIND, MASK_ROWS_BCAST, PREC, EMU_BF16,
+            dk, dv = _dkdv_step(dk, dv, k, v, Qh, DOh, Lseh, Deltah, Maskh, mrow, 0, 0,
+                                offs_n, start_m, sqm, sdm, slm, smm, smn, NQ, NK, scale, fill2,
+                                offset, left, right, 0.0, 0.0, 1.0, False, EXACT_ROWS,
+                                MASK_KIND, MASK_ROWS_BCAST, False, PREC, EMU_BF16, False,
                                 BLOCK_M, D, DV, BLOCK_D, BLOCK_DV)
         for t in range(0, n_part * SUB):
             start_m = tl.load(PIdx + idx + t // SUB) * MB_M + (t % SUB) * BLOCK_M
             start_m = tl.multiple_of(start_m, BLOCK_M)
-            dk, dv = _dkdv_tile(dk, dv, k, v, Qh, DOh, Lseh, Deltah, Maskh, mrow, offs_n, start_m,
-                                sqm, sdm, slm, smm, smn, NQ, NK, scale, fill2, offset, left,
-                                right, True, MASK_KIND, MASK_ROWS_BCAST, PREC, EMU_BF16,
+            dk, dv = _dkdv_step(dk, dv, k, v, Qh, DOh, Lseh, Deltah, Maskh, mrow, 0, 0,
+                                offs_n, start_m, sqm, sdm, slm, smm, smn, NQ, NK, scale, fill2,
+                                offset, left, right, 0.0, 0.0, 1.0, True, EXACT_ROWS,
+                                MASK_KIND, MASK_ROWS_BCAST, False, PREC, EMU_BF16, False,
                                 BLOCK_M, D, DV, BLOCK_D, BLOCK_DV)
     dk = dk * scale
     tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
@@ -263,65 +230,30 @@ def _sparse_dkdv_kernel(Q, K, V, Mask, DO, Lse, Delta, DK, DV_, PCnt, PIdx, FCnt
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, K, V, Mask, offs_m, start_n, skn, svn, smm, smn, NQ, NK,
-             scale, fill2, offset, left, right, EDGE: tl.constexpr, MASK_KIND: tl.constexpr,
-             MASK_ROWS_BCAST: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr,
-             BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
-             BLOCK_DV: tl.constexpr):
-    """dq of one query tile from the key tile [start_n, start_n + BLOCK_N)."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    k = _operand(_load(K, offs_n, offs_d, skn, NK, D, EDGE, D != BLOCK_D),
-                 EMU_BF16)  # [BLOCK_N, BLOCK_D]
-    v = _operand(_load(V, offs_n, offs_dv, svn, NK, DV, EDGE, DV != BLOCK_DV),
-                 EMU_BF16)  # [BLOCK_N, BLOCK_DV]
-    x = tl.dot(q, tl.trans(k), input_precision=PREC)  # [BLOCK_M, BLOCK_N]
-    if MASK_ROWS_BCAST:
-        mrow = _mask_row(Mask, start_n, smn, NK, EDGE, MASK_KIND, BLOCK_N)[None, :]
-    else:
-        mrow = 0
-    s = _masked_scores2(x, scale * _LOG2E, mrow, offs_m[:, None], offs_n[None, :], Mask, smm,
-                        smn, NQ, NK, fill2, MASK_KIND, MASK_ROWS_BCAST)  # [BLOCK_M, BLOCK_N]
-    if EDGE:
-        s = _band(s, offs_m[:, None], offs_n[None, :], NK, offset, left, right)
-    p = tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0))  # [BLOCK_M, BLOCK_N]
-    dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # [BLOCK_M, BLOCK_N]
-    ds = p * (dp - delta[:, None])
-    if MASK_KIND == _BOOL_MASK:  # filled scores are constants: probability but no gradient
-        if MASK_ROWS_BCAST:
-            attend = mrow  # [1, BLOCK_N]
-        else:
-            attend = _keep_bool(Mask, offs_m[:, None], offs_n[None, :], smm, smn, NQ, NK)
-        ds = tl.where(attend, ds, 0.0)
-    dq = tl.dot(_lowp(ds, k, EMU_BF16), k, dq, input_precision=PREC)  # [BLOCK_M, BLOCK_D]
-    return dq
-
-
-@triton.jit
 def _sparse_dq_kernel(Q, K, V, Mask, DO, Lse, Delta, DQ, PCnt, PIdx, FCnt, FIdx,
                       sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, smb, smh, smm, smn,
                       sdb, sdh, sdm, slb, slh, slm, sdqb, sdqh, sdqm,
                       scb, sch, scr, sib, sih, sir,
                       HQ, GROUP, NQ, NK, scale, fill2, offset, left, right,
                       D: tl.constexpr, DV: tl.constexpr, MASK_KIND: tl.constexpr,
-                      MASK_ROWS_BCAST: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr,
-                      MB_M: tl.constexpr, MB_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """dq for one query tile of one query head, over its block row's listed key blocks."""
+                      MASK_ROWS_BCAST: tl.constexpr, EXACT_ROWS: tl.constexpr,
+                      PREC: tl.constexpr, EMU_BF16: tl.constexpr, MB_M: tl.constexpr,
+                      MB_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """dq for one query tile of one query head, over its block row's listed key blocks, each
+    key tile one ``flash._dq_step``."""
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     hk = h // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     in_m = offs_m < NQ
     q = _operand(_load(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, NQ, D, True, D != BLOCK_D),
                  EMU_BF16)  # [BLOCK_M, BLOCK_D]
-    do = _operand(_load(DO + b * sdb + h * sdh, offs_m, offs_dv, sdm, NQ, DV, True,
-                        DV != BLOCK_DV), EMU_BF16)  # [BLOCK_M, BLOCK_DV]
-    lse2 = _load_lse2(Lse + b * slb + h * slh + offs_m * slm, in_m)  # [BLOCK_M]
+    do = _operand(_load(DO + b * sdb + h * sdh, offs_m, tl.arange(0, BLOCK_DV), sdm, NQ, DV,
+                        True, DV != BLOCK_DV), EMU_BF16)  # [BLOCK_M, BLOCK_DV]
+    m2, l2 = _row_stats(Lse + b * slb + h * slh, offs_m, slm, NQ, EXACT_ROWS)  # [BLOCK_M] each
     delta = tl.load(Delta + (b * HQ + h) * NQ + offs_m, mask=in_m, other=0.0)
     K += b * skb + hk * skh
     V += b * svb + hk * svh
@@ -336,15 +268,17 @@ def _sparse_dq_kernel(Q, K, V, Mask, DO, Lse, Delta, DQ, PCnt, PIdx, FCnt, FIdx,
     for t in range(0, n_full * SUB):
         start_n = tl.load(FIdx + idx + t // SUB) * MB_N + (t % SUB) * BLOCK_N
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        dq = _dq_tile(dq, q, do, lse2, delta, K, V, Mask, offs_m, start_n, skn, svn, smm, smn,
-                      NQ, NK, scale, fill2, offset, left, right, False, MASK_KIND,
-                      MASK_ROWS_BCAST, PREC, EMU_BF16, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV)
+        dq = _dq_step(dq, q, do, m2, l2, delta, K, V, Mask, Q, 0, 0, offs_m, start_n, skn, svn,
+                      smm, smn, 0, NQ, NK, scale, fill2, offset, left, right, 0.0, 0.0, 1.0,
+                      False, EXACT_ROWS, MASK_KIND, MASK_ROWS_BCAST, False, PREC, EMU_BF16,
+                      False, False, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV)
     for t in range(0, n_part * SUB):
         start_n = tl.load(PIdx + idx + t // SUB) * MB_N + (t % SUB) * BLOCK_N
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        dq = _dq_tile(dq, q, do, lse2, delta, K, V, Mask, offs_m, start_n, skn, svn, smm, smn,
-                      NQ, NK, scale, fill2, offset, left, right, True, MASK_KIND,
-                      MASK_ROWS_BCAST, PREC, EMU_BF16, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV)
+        dq = _dq_step(dq, q, do, m2, l2, delta, K, V, Mask, Q, 0, 0, offs_m, start_n, skn, svn,
+                      smm, smn, 0, NQ, NK, scale, fill2, offset, left, right, 0.0, 0.0, 1.0,
+                      True, EXACT_ROWS, MASK_KIND, MASK_ROWS_BCAST, False, PREC, EMU_BF16,
+                      False, False, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV)
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
              _for_store(dq * scale, DQ, EMU_BF16), mask=in_m[:, None] & (offs_d[None, :] < D))
 
@@ -538,6 +472,15 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
+def _stats_block(mb: int, prec: str) -> int:
+    """The row-statistics tile along a block of ``mb`` (a multiple of 16): 16 under the
+    interpreter, else the largest of 64, 32, 16 dividing it (at most 32 for fp32 dots, as
+    flash's ``_row_stats_launch``)."""
+    if _INTERPRET:
+        return 16
+    return next(t for t in ((32, 16) if prec == "ieee" else (64, 32, 16)) if mb % t == 0)
+
+
 def sparse_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     layout: BlockLayout, mask: Optional[torch.Tensor], out: torch.Tensor,
                     lse: torch.Tensor, scale: Optional[float] = None, causal: str = "none",
@@ -557,9 +500,15 @@ def sparse_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
         return dq.zero_(), dk.zero_(), dv.zero_()
     common = dict(_common(q, k, v, layout, scale, causal, mask_fill, window), HQ=hq,
                   **mask_flags)
+    exact_rows = common["EXACT_ROWS"] = _exact_rows(mask_flags, common["fill2"])
+    # EXACT_ROWS: the backward kernels read (m2, l2) [B, Hq, 2, Nq] where they read lse.
+    rows, row_strides = lse, lse.stride()
+    if exact_rows:
+        rows = torch.empty((b, hq, 2, nq), dtype=torch.float32, device=q.device)
+        row_strides = (rows.stride(0), rows.stride(1), rows.stride(3))
     delta = torch.empty((b, hq, nq), dtype=torch.float32, device=q.device)
     shared = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *m_strides, *dout.stride()[:3],
-              *lse.stride())
+              *row_strides)
     kv_args, q_args = _list_args(layout.kv_lists()), _list_args(layout.q_lists())
 
     def grid_q(meta: dict) -> tuple[int, int, int]:
@@ -572,11 +521,20 @@ def sparse_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
         _bwd_preprocess[(cdiv(nq, _PREPROCESS_BLOCK_M), hq, b)](
             out, dout, delta, *out.stride()[:3], *dout.stride()[:3], nq, v.shape[3],
             BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_DV=common["BLOCK_DV"])
+        if exact_rows:
+            bm, bn = (_stats_block(mb, common["PREC"]) for mb in layout.block)
+            names = ("HQ", "GROUP", "NQ", "NK", "scale", "fill2", "offset", "left", "right", "D",
+                     "MASK_KIND", "MASK_ROWS_BCAST", "PREC", "EMU_BF16", "MB_M", "MB_N",
+                     "BLOCK_D")
+            _sparse_row_stats[(cdiv(nq, bm), hq, b)](
+                q, k, m, lse, rows, *kv_args[:4], *q.stride()[:3], *k.stride()[:3], *m_strides,
+                *lse.stride(), *kv_args[4:], **{n: common[n] for n in names}, BLOCK_M=bm,
+                BLOCK_N=bn, **({} if _INTERPRET else {"num_warps": 4}))
         _launch("dkdv", _dkdv, _DKDV, grid_k,
-                (q, k, v, m, dout, lse, delta, dk, dv, *q_args[:4], *shared, *dk.stride()[:3],
+                (q, k, v, m, dout, rows, delta, dk, dv, *q_args[:4], *shared, *dk.stride()[:3],
                  *dv.stride()[:3], *q_args[4:]), common)
         _launch("dq", _dq, _DQ, grid_q,
-                (q, k, v, m, dout, lse, delta, dq, *kv_args[:4], *shared, *dq.stride()[:3],
+                (q, k, v, m, dout, rows, delta, dq, *kv_args[:4], *shared, *dq.stride()[:3],
                  *kv_args[4:]), common)
     return dq, dk, dv
 
