@@ -301,7 +301,8 @@ def record_launches(module: Any, v: dict, arch: int) -> list[tuple[str, tuple, d
                                         window=window)
             module.sparse_forward(q, k, vv, layout, mask, None, v["causal"], window=window)
             module.sparse_backward(torch.randn_like(out), q, k, vv, layout, mask, out, lse, None,
-                                   v["causal"], window=window)
+                                   v["causal"], window=window,
+                                   mask_grad=bool(v.get("mask_grad")))
             return log
         module.flash_forward(q, k, vv, mask, None, v["causal"], **extra_f)
         module.flash_backward(torch.randn_like(out), q, k, vv, mask, out, lse, None, v["causal"],
@@ -677,8 +678,8 @@ def main() -> None:
     features = {name: name in fwd_params for name in ("window", "dropout_p")}
     variants = _variants(args.quick, args.dtypes.split(",") if args.dtypes else None,
                          [int(x) for x in args.d.split(",")] if args.d else None, features)
-    if args.module == "sparse":  # no soft-capping and no mask gradient there
-        variants = [v for v in variants if not v.get("softcap") and not v.get("mask_grad")]
+    if args.module == "sparse":  # no soft-capping there
+        variants = [v for v in variants if not v.get("softcap")]
     print(f"triton {triton.__version__} | target sm_{args.arch} | {len(variants)} host variants "
           f"| kernel features: {', '.join(k for k, v in features.items() if v) or 'base'}",
           flush=True)

@@ -67,9 +67,10 @@ def assert_grad(name, g, ref, low, zero_bound):
 
 
 def check(gen, q, k, v, layout, mask=None, causal="none", mask_fill=NEG_INF, scale=None,
-          window=(-1, -1), backward=True):
+          window=(-1, -1), backward=True, mask_grad=False):
     """Forward (and backward) of the sparse kernels against the reference with the layout's
-    element mask, FlashAttention's error-ratio rule on out, lse, dq, dk, dv."""
+    element mask, FlashAttention's error-ratio rule on out, lse, dq, dk, dv (and the additive
+    mask's gradient with ``mask_grad``)."""
     rd = reference_dtype(q.dtype)
     full = _combined(layout, mask)
     rmask = full if full.dtype == torch.bool else full.to(rd)
@@ -87,11 +88,11 @@ def check(gen, q, k, v, layout, mask=None, causal="none", mask_fill=NEG_INF, sca
         return out, lse, None
     dout = torch.randn(out.shape, generator=gen).to(DEVICE, q.dtype)
     grads = sparse.sparse_backward(dout, q, k, v, layout, mask, out, lse, scale, causal,
-                                   mask_fill, window)
+                                   mask_fill, window, mask_grad)
     ref = attention_backward(dout.to(rd), q.to(rd), k.to(rd), v.to(rd), rmask, ref_out, ref_lse,
-                             scale, causal, mask_fill, window=window)
+                             scale, causal, mask_fill, mask_grad, window=window)
     low = attention_backward(dout, q, k, v, full, low_out, low_lse, scale, causal, mask_fill,
-                             window=window, acc_dtype=q.dtype)
+                             mask_grad, window=window, acc_dtype=q.dtype)
     n = max(q.shape[2] * q.shape[1] // k.shape[1], k.shape[2])
     ds_noise = 2 * v.shape[-1] * torch.finfo(torch.float32).eps * (
         dout.abs().max() * v.float().abs().max()).item()
@@ -100,6 +101,15 @@ def check(gen, q, k, v, layout, mask=None, causal="none", mask_fill=NEG_INF, sca
     for name, g, r, lo, t in zip(("dq", "dk", "dv"), grads, ref, low, (q, k, v)):
         assert g.shape == t.shape and g.dtype == t.dtype and not g.isnan().any(), name
         assert_grad(name, g, r, lo, n * ds_noise * sc * qk)
+    if mask_grad:  # the references' dS is shaped like the combined mask: reduce it to the mask's
+        assert grads[3].shape == mask.shape and grads[3].dtype == mask.dtype
+        def reduced(ds):  # summed over the dims the mask broadcasts on
+            dims = [i for i, size in enumerate(mask.shape) if size == 1 and ds.shape[i] != 1]
+            return ds.sum(dim=dims, keepdim=True) if dims else ds
+        assert_grad("dmask", grads[3], reduced(ref[3]), reduced(low[3].float()).to(mask.dtype),
+                    n * ds_noise)
+    else:
+        assert grads[3] is None
     return out, lse, grads
 
 
@@ -166,7 +176,7 @@ def test_model_masks(kind):
     out, lse, grads = check(gen, q, k, v, layout, mask.to(DEVICE), causal="bottom_right")
     if kind == "key_padding":
         assert (out[1] == 0).all() and (lse[1] == NEG_INF).all()
-        assert all((g[1] == 0).all() for g in grads)
+        assert all((g[1] == 0).all() for g in grads[:3])
 
 
 @pytest.mark.parametrize("fill,dtype", [(-1e4, torch.float16), (-1e4, torch.bfloat16)])
@@ -208,6 +218,25 @@ def test_fully_finite_masked_rows_gradients(kind, fill, dtype):
     _, _, grads = check(gen, q, k, v, layout, mask, mask_fill=mask_fill)
     if kind == "additive":  # a bool fill is a constant: those rows' dq is 0, their dv is not
         assert grads[0][:, :, [3, 21]].abs().amin(-1).amin() > 0
+
+
+@pytest.mark.parametrize("shape", ["dense", "key_padding"])
+def test_additive_mask_gradient(shape):
+    """The additive mask's gradient (dS of the visited pairs, 0 on skipped ones, summed over
+    the dims the mask broadcasts on): a bias shared by the batch [1, H, Nq, Nk] and a
+    row-broadcast key-padding bias [B, 1, 1, Nk]; through ``sparse_attention`` too."""
+    gen = _gen("mask_grad", shape)
+    b, h, nq, nk = 2, 2, 30, 37
+    q, k, v = _qkv(gen, b=b, hq=h, hkv=1, nq=nq, nk=nk, dtype=torch.bfloat16)
+    dims = (1, h, nq, nk) if shape == "dense" else (b, 1, 1, nk)
+    mask = torch.randn(dims, generator=gen).to(DEVICE, torch.bfloat16)
+    blocks = _random_blocks(gen, b, h, nq, nk, 0.7)
+    layout = layout_from_blocks(blocks, nq, nk, block=BLOCK, causal="top_left")
+    _, _, grads = check(gen, q, k, v, layout, mask, causal="top_left", mask_grad=True)
+    leaf = mask.clone().requires_grad_()
+    out = sparse.sparse_attention(q, k, v, blocks, leaf, causal="top_left", block=BLOCK)
+    out.backward(torch.randn(out.shape, generator=gen).to(DEVICE, out.dtype))
+    assert leaf.grad is not None and leaf.grad.shape == mask.shape and leaf.grad.any()
 
 
 def test_rows_with_no_block_are_empty():

@@ -1390,12 +1390,14 @@ def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
             _launch("dq", _dq, grid_q,
                     (q, k, v, m, dout, rows, delta, dq, ds_arg, seed_arg, *shared,
                      *dq.stride()[:3], *ds_strides), dict(common, WRITE_DS=mask_grad))
-    dmask = None
-    if ds is not None:
-        # dS summed over the dims the mask broadcasts on (size 1), like autograd's expand backward.
-        dims = [i for i, n in enumerate(mask.shape) if n == 1 and ds.shape[i] != 1]
-        dmask = (ds.sum(dim=dims, keepdim=True) if dims else ds).to(mask.dtype)
-    return dq, dk, dv, dmask
+    return dq, dk, dv, None if ds is None else _mask_gradient(ds, mask)
+
+
+def _mask_gradient(ds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The additive mask's gradient from dS [B, Hq, Nq, Nk]: summed over the dims the mask
+    broadcasts on (size 1), like autograd's expand backward, in the mask's dtype."""
+    dims = [i for i, n in enumerate(mask.shape) if n == 1 and ds.shape[i] != 1]
+    return (ds.sum(dim=dims, keepdim=True) if dims else ds).to(mask.dtype)
 
 
 def dropout_keep_mask(seed: torch.Tensor, shape: tuple[int, int, int, int],

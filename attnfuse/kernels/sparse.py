@@ -41,8 +41,8 @@ import triton
 import triton.language as tl
 
 from .flash import (_block, _bwd_preprocess, _device_ctx, _dkdv_step, _dq_step, _exact_rows,
-                    _fill2, _for_store, _fwd_step, _is_interpreted, _load, _mask_row, _operand,
-                    _row_stats, _saved_stats, _stats_of, _store_stats)
+                    _fill2, _for_store, _fwd_step, _is_interpreted, _load, _mask_gradient,
+                    _mask_row, _operand, _row_stats, _saved_stats, _stats_of, _store_stats)
 from .flash import _mask_args as flash_mask_args
 from .reference import NO_WINDOW, band_offset, cdiv, check_window, operand_reasons
 from .sparse_layout import (BlockLayout, band_sides, default_block, layout_from_block_mask,
@@ -230,18 +230,19 @@ def _sparse_dkdv_kernel(Q, K, V, Mask, DO, Lse, Delta, DK, DV_, PCnt, PIdx, FCnt
 
 
 @triton.jit
-def _sparse_dq_kernel(Q, K, V, Mask, DO, Lse, Delta, DQ, PCnt, PIdx, FCnt, FIdx,
+def _sparse_dq_kernel(Q, K, V, Mask, DO, Lse, Delta, DQ, DS, PCnt, PIdx, FCnt, FIdx,
                       sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, smb, smh, smm, smn,
-                      sdb, sdh, sdm, slb, slh, slm, sdqb, sdqh, sdqm,
+                      sdb, sdh, sdm, slb, slh, slm, sdqb, sdqh, sdqm, sdsb, sdsh, sdsm,
                       scb, sch, scr, sib, sih, sir,
                       HQ, GROUP, NQ, NK, scale, fill2, offset, left, right,
                       D: tl.constexpr, DV: tl.constexpr, MASK_KIND: tl.constexpr,
                       MASK_ROWS_BCAST: tl.constexpr, EXACT_ROWS: tl.constexpr,
-                      PREC: tl.constexpr, EMU_BF16: tl.constexpr, MB_M: tl.constexpr,
-                      MB_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                      WRITE_DS: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr,
+                      MB_M: tl.constexpr, MB_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """dq for one query tile of one query head, over its block row's listed key blocks, each
-    key tile one ``flash._dq_step``."""
+    key tile one ``flash._dq_step``; with WRITE_DS also dS (the additive mask's gradient) of
+    the visited tiles into a zeroed fp32 buffer."""
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -258,6 +259,7 @@ def _sparse_dq_kernel(Q, K, V, Mask, DO, Lse, Delta, DQ, PCnt, PIdx, FCnt, FIdx,
     K += b * skb + hk * skh
     V += b * svb + hk * svh
     Mask += b * smb + h * smh
+    DS += b * sdsb + h * sdsh
     row = start_m // MB_M
     cnt = b * scb + h * sch + row * scr
     idx = b * sib + h * sih + row * sir
@@ -268,17 +270,17 @@ def _sparse_dq_kernel(Q, K, V, Mask, DO, Lse, Delta, DQ, PCnt, PIdx, FCnt, FIdx,
     for t in range(0, n_full * SUB):
         start_n = tl.load(FIdx + idx + t // SUB) * MB_N + (t % SUB) * BLOCK_N
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        dq = _dq_step(dq, q, do, m2, l2, delta, K, V, Mask, Q, 0, 0, offs_m, start_n, skn, svn,
-                      smm, smn, 0, NQ, NK, scale, fill2, offset, left, right, 0.0, 0.0, 1.0,
-                      False, EXACT_ROWS, MASK_KIND, MASK_ROWS_BCAST, False, PREC, EMU_BF16,
-                      False, False, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV)
+        dq = _dq_step(dq, q, do, m2, l2, delta, K, V, Mask, DS, 0, 0, offs_m, start_n, skn,
+                      svn, smm, smn, sdsm, NQ, NK, scale, fill2, offset, left, right, 0.0, 0.0,
+                      1.0, False, EXACT_ROWS, MASK_KIND, MASK_ROWS_BCAST, False, PREC, EMU_BF16,
+                      WRITE_DS, False, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV)
     for t in range(0, n_part * SUB):
         start_n = tl.load(PIdx + idx + t // SUB) * MB_N + (t % SUB) * BLOCK_N
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        dq = _dq_step(dq, q, do, m2, l2, delta, K, V, Mask, Q, 0, 0, offs_m, start_n, skn, svn,
-                      smm, smn, 0, NQ, NK, scale, fill2, offset, left, right, 0.0, 0.0, 1.0,
-                      True, EXACT_ROWS, MASK_KIND, MASK_ROWS_BCAST, False, PREC, EMU_BF16,
-                      False, False, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV)
+        dq = _dq_step(dq, q, do, m2, l2, delta, K, V, Mask, DS, 0, 0, offs_m, start_n, skn,
+                      svn, smm, smn, sdsm, NQ, NK, scale, fill2, offset, left, right, 0.0, 0.0,
+                      1.0, True, EXACT_ROWS, MASK_KIND, MASK_ROWS_BCAST, False, PREC, EMU_BF16,
+                      WRITE_DS, False, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV)
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
              _for_store(dq * scale, DQ, EMU_BF16), mask=in_m[:, None] & (offs_d[None, :] < D))
 
@@ -484,20 +486,28 @@ def _stats_block(mb: int, prec: str) -> int:
 def sparse_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     layout: BlockLayout, mask: Optional[torch.Tensor], out: torch.Tensor,
                     lse: torch.Tensor, scale: Optional[float] = None, causal: str = "none",
-                    mask_fill: float = float("-inf"), window: tuple[int, int] = NO_WINDOW
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    mask_fill: float = float("-inf"), window: tuple[int, int] = NO_WINDOW,
+                    mask_grad: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """dq, dk, dv (dtypes and shapes of q, k, v; contiguous) of :func:`sparse_forward` with the
-    same (fixed) ``layout``; ``out``/``lse`` are its outputs. Deterministic: no atomics."""
+    same (fixed) ``layout``; ``out``/``lse`` are its outputs. ``mask_grad``: also the additive
+    mask's gradient, shaped like ``mask`` (0 on skipped pairs, whose p is 0), else None.
+    Deterministic: no atomics."""
     window, (m, m_strides, mask_flags) = _prepare(q, k, v, layout, mask, causal, window)
     if dout.shape != out.shape or dout.dtype != q.dtype:
         raise ValueError(f"dout {dout.dtype} {tuple(dout.shape)} must match out {q.dtype} "
                          f"{tuple(out.shape)}")
+    if mask_grad and (mask is None or mask.dtype == torch.bool):
+        raise ValueError("mask_grad=True needs an additive float mask")
     dout, out = _unit_stride(dout), _unit_stride(out)
     b, hq, nq, _ = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    # dS for the mask gradient: fp32 [B, Hq, Nq, Nk]; skipped pairs stay 0.
+    ds = torch.zeros((b, hq, nq, nk), dtype=torch.float32, device=q.device) if mask_grad else None
     if b * hq * nq * nk == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return (dq.zero_(), dk.zero_(), dv.zero_(),
+                None if ds is None else _mask_gradient(ds, mask))
     common = dict(_common(q, k, v, layout, scale, causal, mask_fill, window), HQ=hq,
                   **mask_flags)
     exact_rows = common["EXACT_ROWS"] = _exact_rows(mask_flags, common["fill2"])
@@ -533,10 +543,11 @@ def sparse_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
         _launch("dkdv", _dkdv, _DKDV, grid_k,
                 (q, k, v, m, dout, rows, delta, dk, dv, *q_args[:4], *shared, *dk.stride()[:3],
                  *dv.stride()[:3], *q_args[4:]), common)
+        ds_arg, ds_strides = (ds, ds.stride()[:3]) if ds is not None else (q, (0, 0, 0))
         _launch("dq", _dq, _DQ, grid_q,
-                (q, k, v, m, dout, rows, delta, dq, *kv_args[:4], *shared, *dq.stride()[:3],
-                 *kv_args[4:]), common)
-    return dq, dk, dv
+                (q, k, v, m, dout, rows, delta, dq, ds_arg, *kv_args[:4], *shared,
+                 *dq.stride()[:3], *ds_strides, *kv_args[4:]), dict(common, WRITE_DS=mask_grad))
+    return dq, dk, dv, None if ds is None else _mask_gradient(ds, mask)
 
 
 class _SparseAttention(torch.autograd.Function):
@@ -552,9 +563,10 @@ class _SparseAttention(torch.autograd.Function):
     def backward(ctx: Any, dout: torch.Tensor, _dlse: Any):
         q, k, v, mask, out, lse = ctx.saved_tensors
         layout, scale, causal, mask_fill, window = ctx.args
-        dq, dk, dv = sparse_backward(dout.contiguous(), q, k, v, layout, mask, out, lse, scale,
-                                     causal, mask_fill, window)
-        return dq, dk, dv, None, None, None, None, None, None
+        mask_grad = bool(mask is not None and mask.is_floating_point() and ctx.needs_input_grad[4])
+        dq, dk, dv, dmask = sparse_backward(dout.contiguous(), q, k, v, layout, mask, out, lse,
+                                            scale, causal, mask_fill, window, mask_grad)
+        return dq, dk, dv, None, dmask, None, None, None, None
 
 
 def as_layout(blocks: Any, q: torch.Tensor, k: torch.Tensor, causal: str,
@@ -578,7 +590,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: 
 
     ``blocks``: a :class:`BlockLayout`, FlexAttention's ``BlockMask`` or a bool block tensor
     [B|1, H|1, NQB, NKB] (blocks of ``block``, default :func:`default_block`). ``mask``,
-    ``causal``, ``window`` are the model's own mask, applied inside visited blocks."""
+    ``causal``, ``window`` are the model's own mask, applied inside visited blocks (an
+    additive mask that requires grad gets its gradient)."""
     window = check_window(window)
     layout = as_layout(blocks, q, k, causal, window, block, has_mask=mask is not None)
     out, _ = _SparseAttention.apply(q, k, v, layout, mask, scale, causal, mask_fill, window)

@@ -586,16 +586,13 @@ def kernel_backward(config: SparseConfig, dout: torch.Tensor, q: torch.Tensor, k
                     mask_grad: bool, softcap: float = 0.0, window: tuple[int, int] = NO_WINDOW,
                     dropout_p: float = 0.0, seed: Any = None) -> tuple[Any, ...]:
     """The registry's backward: the forward's layout, predicted again from the same q and k
-    (prediction is deterministic), and the fixed-mask backward kernels."""
-    if mask_grad:
-        raise ValueError("the sparse kernel gives no gradient for the mask: run sites whose "
-                         "additive mask needs one on kernel='flash'")
+    (prediction is deterministic), and the fixed-mask backward kernels (with the additive
+    mask's gradient when ``mask_grad``)."""
     if config.every > 1:
         raise ValueError("mask reuse (every > 1) is inference only: the backward needs the "
                          "forward's layout; use a sparse kernel without every=")
     window = check_window(window)
     layout = predict(q, k, config.tau, causal=causal, window=window, scale=scale,
                      block=config.block or None, mask=mask, mask_fill=mask_fill)
-    dq, dk, dv = sparse.sparse_backward(dout, q, k, v, layout, mask, out, lse, scale, causal,
-                                        mask_fill, window)
-    return dq, dk, dv, None
+    return sparse.sparse_backward(dout, q, k, v, layout, mask, out, lse, scale, causal,
+                                  mask_fill, window, mask_grad)
