@@ -393,8 +393,9 @@ def reuse(args: argparse.Namespace, budget: Budget) -> dict:
     warm = sparse_predict.predict(q0, k0, tau, block=args.block)
     sparse.sparse_forward(q0, k0, v, warm)
     probe = sparse_predict.MaskReuse(every=2, min_cosine=args.drift_cosine)
-    for _ in range(2):  # the drift probe's own pooling variant
-        probe(q0, k0, "warm-up", lambda: warm, (args.block, args.block))
+    for _ in range(3):  # the drift probe's own pooling variant, and the gated kernels
+        probe(q0, k0, "warm-up", lambda **into: sparse_predict.predict(
+            q0, k0, tau, block=args.block, **into), (args.block, args.block))
     if device == "cuda":
         torch.cuda.synchronize()
     results = {}
@@ -417,8 +418,8 @@ def reuse(args: argparse.Namespace, budget: Budget) -> dict:
             def layout_now():
                 if every == 1:
                     return sparse_predict.predict(q, k, tau, block=args.block)
-                return state(q, k, "site", lambda: sparse_predict.predict(
-                    q, k, tau, block=args.block), (args.block, args.block))
+                return state(q, k, "site", lambda **into: sparse_predict.predict(
+                    q, k, tau, block=args.block, **into), (args.block, args.block))
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()

@@ -27,6 +27,7 @@ Usage:
     python benchmarks/compile_targets.py --arch 90 --dtypes fp16 --d 64,256 --kernels _fwd_kernel
     python benchmarks/compile_targets.py --arch 90 --quick --json out.json
     python benchmarks/compile_targets.py --arch 90 --module sparse --quick  # block-sparse kernels
+    python benchmarks/compile_targets.py --arch 90 --module sparse_predict  # their prediction
 Prints a progress line per compile, then a markdown table. Exit status 1 when any variant fails
 to compile. Compiles that spill heavily (fp32, d=256) take one to two minutes each.
 """
@@ -55,11 +56,12 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-MODULES = {"flash": "attnfuse.kernels.flash", "sparse": "attnfuse.kernels.sparse"}
+MODULES = {"flash": "attnfuse.kernels.flash", "sparse": "attnfuse.kernels.sparse",
+           "sparse_predict": "attnfuse.kernels.sparse_predict"}
 KERNELS = ("_fwd_kernel", "_bwd_preprocess", "_bwd_row_stats", "_bwd_dkdv_kernel",
            "_bwd_dq_kernel", "_sparse_fwd_kernel", "_sparse_row_stats", "_sparse_dkdv_kernel",
-           "_sparse_dq_kernel")
-_OWN_KERNELS = {"flash": KERNELS[:5], "sparse": KERNELS[5:]}
+           "_sparse_dq_kernel", "_pool_kernel", "_score_kernel", "_select_kernel")
+_OWN_KERNELS = {"flash": KERNELS[:5], "sparse": KERNELS[5:9], "sparse_predict": KERNELS[9:]}
 # Maximum dynamic shared memory per block (bytes) by compute capability.
 MAX_SMEM = {70: 98304, 75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376,
             90: 232448, 100: 232448, 103: 232448, 120: 101376}
@@ -267,10 +269,17 @@ def _host_inputs(v: dict):
 
 
 def record_launches(module: Any, v: dict, arch: int) -> list[tuple[str, tuple, dict]]:
-    """The kernel launches flash_forward + flash_backward make for variant ``v``."""
+    """The kernel launches the module's host functions make for variant ``v``: flash's or the
+    sparse kernels' forward + backward, or the prediction's (plain, then gated in place)."""
     import torch
     q, k, vv, mask = _host_inputs(v)
     sparse = hasattr(module, "sparse_forward")
+    if hasattr(module, "predict"):  # the block-mask prediction: plain, then gated in place
+        with _recording(module, arch) as log:
+            layout = module.predict(q, k, 0.9, block=128, causal=v["causal"])
+            module.predict(q, k, 0.9, block=128, causal=v["causal"], out=layout,
+                           go=torch.ones(1, dtype=torch.int32))
+        return log
     fwd_params = inspect.signature(module.sparse_forward if sparse
                                    else module.flash_forward).parameters
     bwd_params = inspect.signature(module.sparse_backward if sparse
@@ -657,7 +666,8 @@ def main() -> None:
     parser.add_argument("--dtypes", default=None, help="comma list of bf16,fp16,fp32")
     parser.add_argument("--d", default=None, help="comma list of head dims")
     parser.add_argument("--module", default="flash", choices=sorted(MODULES),
-                        help="the kernel file: flash (default) or the block-sparse kernels")
+                        help="the kernel file: flash (default), the block-sparse kernels or "
+                             "their block-mask prediction")
     parser.add_argument("--kernels", default=None, help="comma list of kernel names to compile")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     parser.add_argument("--from-params", action="store_true",
@@ -673,13 +683,16 @@ def main() -> None:
     module = importlib.import_module(MODULES[args.module])
     spec, backend = _specializer(args.arch)
     wanted = args.kernels.split(",") if args.kernels else list(_OWN_KERNELS[args.module])
-    host = getattr(module, "flash_forward", None) or module.sparse_forward
+    host = (getattr(module, "flash_forward", None) or getattr(module, "sparse_forward", None)
+            or module.predict)
     fwd_params = inspect.signature(host).parameters
     features = {name: name in fwd_params for name in ("window", "dropout_p")}
     variants = _variants(args.quick, args.dtypes.split(",") if args.dtypes else None,
                          [int(x) for x in args.d.split(",")] if args.d else None, features)
-    if args.module == "sparse":  # no soft-capping there
+    if args.module != "flash":  # no soft-capping there
         variants = [v for v in variants if not v.get("softcap")]
+    if args.module == "sparse_predict":  # q and k alone: one variant per dtype, dim and band
+        variants = [v for v in variants if v["mask"] == "none" and len(v) == 5]
     print(f"triton {triton.__version__} | target sm_{args.arch} | {len(variants)} host variants "
           f"| kernel features: {', '.join(k for k, v in features.items() if v) or 'base'}",
           flush=True)

@@ -393,29 +393,99 @@ def test_tau_one_equals_dense_kernel():
 
 
 def test_mask_reuse_every_k_calls_and_on_drift():
+    """Reuse decides on the device: the kept layout is refreshed in place when due (every k
+    calls), on drift, or on a new padding, and left as it was otherwise; a change of arguments
+    makes a new layout. The host calls ``estimate`` every time, gated by the device flag."""
     gen = _gen("reuse")
     q, k, _ = _local(gen, 1, 2, 64, 32)
     reuse = sparse_predict.MaskReuse(every=3, min_cosine=0.99)
-    calls = []
 
-    def estimate():
-        calls.append(1)
-        return sparse_predict.predict(q, k, 0.8, block=BLOCK)
-    first = reuse(q, k, "site", estimate, (BLOCK, BLOCK))
+    def estimate(**into):
+        return sparse_predict.predict(q_now, k, 0.8, block=BLOCK, **into)
+
+    def fresh(x):
+        return sparse_predict.predict(x, k, 0.8, block=BLOCK).state
+
+    q_now = q
+    first = reuse(q_now, k, "site", estimate, (BLOCK, BLOCK))
+    kept = first.state.clone()
     for _ in range(2):
-        assert reuse(q * 1.001, k, "site", estimate, (BLOCK, BLOCK)) is first
-    assert len(calls) == 1
-    reuse(q, k, "site", estimate, (BLOCK, BLOCK))            # the third reuse: every=3 is due
-    assert len(calls) == 2
-    reuse(q.flip(2), k, "site", estimate, (BLOCK, BLOCK))    # drifted: re-estimated at once
-    assert len(calls) == 3 and reuse.stats["drift"] == 1
-    reuse(q.flip(2), k, "other args", estimate, (BLOCK, BLOCK))
-    assert reuse.stats == {"calls": 6, "estimates": 4, "drift": 1}
+        q_now = q.flip(2) if _ else q * 1.001
+        if _:  # a drifted call refreshes at once, the near-identical one does not
+            assert reuse(q_now, k, "site", estimate, (BLOCK, BLOCK)) is first
+            assert not torch.equal(kept, fresh(q_now))
+            assert torch.equal(first.state, fresh(q_now))
+        else:
+            assert reuse(q_now, k, "site", estimate, (BLOCK, BLOCK)) is first
+            assert torch.equal(first.state, kept)
+    assert reuse.stats == {"calls": 3, "estimates": 2, "drift": 1}
+    for _ in range(3):  # the inputs of the last refresh: the third call is due (every=3)
+        assert reuse(q_now, k, "site", estimate, (BLOCK, BLOCK)) is first
+    assert reuse.stats == {"calls": 6, "estimates": 3, "drift": 1}
+    assert torch.equal(first.state, fresh(q_now))
+    other = reuse(q_now, k, "other args", estimate, (BLOCK, BLOCK))
+    assert other is not first and reuse.stats == {"calls": 7, "estimates": 4, "drift": 1}
     pad = torch.ones(1, 1, 1, 64, dtype=torch.bool, device=DEVICE)
     shorter = pad & (torch.arange(64, device=DEVICE) < 40)
     for m, estimates in ((pad, 5), (pad.clone(), 5), (shorter, 6)):  # a new padding: new mask
-        reuse(q.flip(2), k, "other args", estimate, (BLOCK, BLOCK), m)
+        reuse(q_now, k, "other args", estimate, (BLOCK, BLOCK), m)
         assert reuse.stats["estimates"] == estimates
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_mask_reuse_in_a_cuda_graph():
+    """The reuse decision needs no host synchronisation: one call captured in a CUDA graph
+    (a host sync would fail the capture) keeps deciding on replay, refreshing the kept layout
+    when the inputs drift and keeping it when they do not."""
+    gen = _gen("reuse_graph")
+    q, k, _ = _local(gen, 1, 2, 256, 64)
+    qs, ks = q.clone(), k.clone()               # the graph's static inputs
+    reuse = sparse_predict.MaskReuse(every=1000, min_cosine=0.99)
+
+    def estimate(**into):
+        return sparse_predict.predict(qs, ks, 0.8, block=64, **into)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):               # warm-up: the first estimate, gated kernels
+        for _ in range(3):
+            layout = reuse(qs, ks, "site", estimate, (64, 64))
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        assert reuse(qs, ks, "site", estimate, (64, 64)) is layout
+    kept = layout.state.clone()
+    graph.replay()                              # the same inputs: no refresh
+    torch.cuda.synchronize()
+    assert torch.equal(layout.state, kept)
+    qs.copy_(q.flip(2))
+    graph.replay()                              # drifted inputs: refreshed in place
+    torch.cuda.synchronize()
+    assert torch.equal(layout.state, sparse_predict.predict(q.flip(2), k, 0.8, block=64).state)
+    assert not torch.equal(layout.state, kept)
+    assert reuse.stats == {"calls": 5, "estimates": 2, "drift": 1}  # a capture runs nothing
+
+
+def test_predict_into_a_layout_gated_by_a_device_flag():
+    gen = _gen("gated")
+    q, k, _ = _local(gen, 1, 2, 64, 32)
+    layout = sparse_predict.predict(q, k, 0.8, block=BLOCK)
+    before = [t.clone() for t in (layout.state, *layout.kv_lists())]
+    layout.q_lists()
+    off = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    same = sparse_predict.predict(q.flip(2), k, 0.8, block=BLOCK, out=layout, go=off)
+    assert same is layout and "q" not in layout._lists
+    assert all(torch.equal(a, b) for a, b in zip(before, (layout.state, *layout.kv_lists())))
+    sparse_predict.predict(q.flip(2), k, 0.8, block=BLOCK, out=layout, go=off + 1)
+    want = sparse_predict.predict(q.flip(2), k, 0.8, block=BLOCK)
+    assert torch.equal(layout.state, want.state)
+    for got, ref in zip(layout.kv_lists(), want.kv_lists()):
+        assert torch.equal(got, ref) or got.dim() == 4  # indices past each count are free
+    with pytest.raises(ValueError, match="out: a layout predicted for"):
+        sparse_predict.predict(q[:, :, :48], k, 0.8, block=BLOCK, out=layout)
+    with pytest.raises(ValueError, match="go .* needs out"):
+        sparse_predict.predict(q, k, 0.8, block=BLOCK, go=off)
 
 
 # ----------------------------------------------------------------------------- the τ gate
@@ -503,11 +573,11 @@ def test_policy_sparse_end_to_end(monkeypatch, tmp_path):
     # The site re-estimates every second call (sparse_reuse=2).
     config = sparse_predict.SparseConfig.parse(site.kernel.partition(":")[2])
     assert config.every == 2
-    stats = sparse_predict._SITES[config.site].stats
-    assert stats == {"calls": 2, "estimates": 1, "drift": 0}      # optimize's run, then ours
+    state = sparse_predict._SITES[config.site]
+    assert state.stats == {"calls": 2, "estimates": 1, "drift": 0}  # optimize's run, then ours
     with torch.no_grad():
         fast(x)
-    assert stats == {"calls": 3, "estimates": 2, "drift": 0}
+    assert state.stats == {"calls": 3, "estimates": 2, "drift": 0}
     strict = attnfuse.explain(model, (x,), policy="sparse", tune=False, sparse_max_rel_l1=1e-9)
     s = strict.sites[0]
     assert s.fused and not s.kernel.startswith("sparse")

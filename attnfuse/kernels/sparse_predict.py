@@ -31,6 +31,8 @@ Reuse (``MaskReuse``): a diffusion model calls the same attention every step wit
 changing inputs. A site keeps its layout and re-estimates every ``every`` calls or when the
 *probe* (the means of the first ``probe_rows`` rows of every block, a fraction of the pooling
 reads), centred per head, has cosine < ``min_cosine`` to the probe that produced the layout.
+The decision is a device flag that gates the three kernels (``GATED``), which then refresh the
+kept layout in place: no host synchronisation, and CUDA graphs replay it.
 
 Registry glue: :class:`SparseConfig` names a configured kernel (``sparse:tau=0.9``, with
 ``every=``/``site=`` for reuse); ``kernel_forward``/``kernel_backward`` are its registry entry
@@ -39,7 +41,7 @@ points. The τ gate of ``policy="sparse"`` is ``attnfuse/tune/sparse_gate.py``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -80,11 +82,16 @@ def _pool_pieces(X, piece0, N, sxn, Keep, skn, D: tl.constexpr, HAS_KEEP: tl.con
 
 
 @triton.jit
-def _pool_kernel(Q, K, Keep, PQ, PK, CK, sqb, sqh, sqm, skb, skh, skn, smb, smn,
+def _pool_kernel(Q, K, Keep, PQ, PK, CK, Go, sqb, sqh, sqm, skb, skh, skn, smb, smn,
                  HQ, NQ, NK, NQS, NKS, D: tl.constexpr, HAS_KEEP: tl.constexpr,
                  SQ_: tl.constexpr, SK_: tl.constexpr, RD_Q: tl.constexpr, RD_K: tl.constexpr,
-                 RC: tl.constexpr, G: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (G pieces, head, batch): heads [0, Hq) pool q, heads [Hq, Hq + Hkv) pool k."""
+                 RC: tl.constexpr, G: tl.constexpr, BLOCK_D: tl.constexpr,
+                 GATED: tl.constexpr):
+    """Program (G pieces, head, batch): heads [0, Hq) pool q, heads [Hq, Hq + Hkv) pool k.
+    GATED: nothing unless the device flag ``Go[0]`` is set (as every kernel here)."""
+    if GATED:
+        if tl.load(Go) == 0:
+            return
     piece0 = tl.program_id(0) * G
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -132,12 +139,16 @@ def _logits(pq, PK, CK, kv_sub, offs_b, ar0, ar1, NQ, NK, NKS, c2, offset, left,
 
 
 @triton.jit
-def _score_kernel(PQ, PK, CK, P, HQ, GROUP, NQ, NK, NQB, NKB, NQS, NKS, c2, offset, left, right,
-                  PM: tl.constexpr, PN: tl.constexpr, SQ: tl.constexpr, SK: tl.constexpr,
-                  ROWS: tl.constexpr, KC: tl.constexpr, BLOCK_D: tl.constexpr):
+def _score_kernel(PQ, PK, CK, P, Go, HQ, GROUP, NQ, NK, NQB, NKB, NQS, NKS, c2, offset, left,
+                  right, PM: tl.constexpr, PN: tl.constexpr, SQ: tl.constexpr, SK: tl.constexpr,
+                  ROWS: tl.constexpr, KC: tl.constexpr, BLOCK_D: tl.constexpr,
+                  GATED: tl.constexpr):
     """p[i, j] for ROWS query blocks of one query head: each sub-row's softmax over key
     sub-blocks (two passes: its max and sum, then the masses), summed per key block and
     averaged over the block's sub-rows weighted by their rows."""
+    if GATED:
+        if tl.load(Go) == 0:
+            return
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     hk = h // GROUP
@@ -175,11 +186,15 @@ def _score_kernel(PQ, PK, CK, P, HQ, GROUP, NQ, NK, NQB, NKB, NQS, NKS, c2, offs
 
 
 @triton.jit
-def _select_kernel(P, CK, State, PCnt, PIdx, FCnt, FIdx, HQ, GROUP, NQ, NK, NQB, NKB, NKS,
+def _select_kernel(P, CK, State, PCnt, PIdx, FCnt, FIdx, Go, HQ, GROUP, NQ, NK, NQB, NKB, NKS,
                    offset, left, right, tau, MB_M: tl.constexpr, MB_N: tl.constexpr,
                    SK: tl.constexpr, KEEP_ALL: tl.constexpr, KEEP_FIRST: tl.constexpr,
-                   ROWS: tl.constexpr, NKB_P2: tl.constexpr):
-    """The keep sets of ROWS query blocks of one query head, classified and listed."""
+                   ROWS: tl.constexpr, NKB_P2: tl.constexpr, GATED: tl.constexpr):
+    """The keep sets of ROWS query blocks of one query head, classified and listed (every
+    count and state entry of the rows is written, so a layout can be refreshed in place)."""
+    if GATED:
+        if tl.load(Go) == 0:
+            return
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     offs_i = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # query blocks
@@ -258,12 +273,13 @@ def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:
 
 
 def pool(q: torch.Tensor, k: torch.Tensor, size: tuple[int, int], *, rows: Optional[int] = None,
-         keep: Optional[torch.Tensor] = None
+         keep: Optional[torch.Tensor] = None, go: Optional[torch.Tensor] = None
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q̄ [B, Hq, ceil(Nq/sq), BD], k̄ [B, Hkv, ceil(Nk/sk), BD], n [B, Hkv, ceil(Nk/sk)]) in
     fp32 for pieces of ``size`` = (sq, sk) tokens, BD the padded head dim (zeros past D): means
     over all rows of a piece, or over its first ``rows`` (the reuse probe); ``n`` counts the
-    kept keys (``keep``, uint8 [B|1, Nk], weights them)."""
+    kept keys (``keep``, uint8 [B|1, Nk], weights them). ``go`` (int32 [1] on the device):
+    computed only where ``go[0] != 0``, else left unwritten."""
     _check_qk(q, k)
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -284,9 +300,10 @@ def pool(q: torch.Tensor, k: torch.Tensor, size: tuple[int, int], *, rows: Optio
         if keep is not None else (q, (0, 0))
     with sparse._device_ctx(q):
         _pool_kernel[(cdiv(max(nqs, nks, 1), g), hq + hkv, b)](
-            q, k, keep_arg, pq, pk, ck, *q.stride()[:3], *k.stride()[:3], *keep_strides, hq, nq,
-            nk, nqs, nks, D=d, HAS_KEEP=keep is not None, SQ_=sq, SK_=sk, RD_Q=rq, RD_K=rk,
-            RC=rc, G=g, BLOCK_D=bd, num_warps=4)
+            q, k, keep_arg, pq, pk, ck, q if go is None else go, *q.stride()[:3],
+            *k.stride()[:3], *keep_strides, hq, nq, nk, nqs, nks, D=d, HAS_KEEP=keep is not None,
+            SQ_=sq, SK_=sk, RD_Q=rq, RD_K=rk, RC=rc, G=g, BLOCK_D=bd, GATED=go is not None,
+            num_warps=4)
     return pq, pk, ck
 
 
@@ -304,11 +321,17 @@ def _resolve(block: Any, sub: int, causal: str, window: tuple[int, int],
 def predict(q: torch.Tensor, k: torch.Tensor, tau: float, *, causal: str = "none",
             window: tuple[int, int] = NO_WINDOW, scale: Optional[float] = None, block: Any = None,
             sub: int = 4, mask: Optional[torch.Tensor] = None, mask_fill: float = float("-inf"),
-            keep_first: Optional[bool] = None) -> BlockLayout:
+            keep_first: Optional[bool] = None, out: Optional[BlockLayout] = None,
+            go: Optional[torch.Tensor] = None) -> BlockLayout:
     """The predicted block layout [B, Hq, NQB, NKB] for threshold ``tau`` (see the legend):
     three launches, no host synchronisation. ``sub`` pieces per block on each side (1: plain
     block means); ``keep_first`` defaults to ``causal != "none"``; ``mask`` is the call's mask
-    (a key-padding mask also shapes the prediction)."""
+    (a key-padding mask also shapes the prediction).
+
+    ``out``: a layout that an earlier prediction for the same shapes, band and block returned,
+    refreshed in place (its block state and forward lists; returned). ``go`` (int32 [1] on the
+    device): the kernels run only where ``go[0] != 0`` and otherwise leave ``out`` as it was,
+    so the decision to re-estimate can stay on the device (``MaskReuse``)."""
     if not 0.0 < tau:
         raise ValueError(f"tau: expected a mass threshold in (0, 1] (1 keeps every block), "
                          f"got {tau!r}")
@@ -317,21 +340,22 @@ def predict(q: torch.Tensor, k: torch.Tensor, tau: float, *, causal: str = "none
     nk = k.shape[2]
     mb_m, mb_n = block
     pm, pn = mb_m // sub, mb_n // sub
-    pq, pk, ck = pool(q, k, (pm, pn), keep=_key_keep(mask, mask_fill, b, nk))
     nqb, nkb = -(-nq // mb_m), -(-nk // mb_n)
-    state = torch.empty((b, hq, nqb, nkb), dtype=torch.int8, device=q.device)
-    cnts = [torch.zeros((b, hq, nqb), dtype=torch.int32, device=q.device) for _ in range(2)]
-    idxs = [torch.empty((b, hq, nqb, nkb), dtype=torch.int32, device=q.device) for _ in range(2)]
-    layout = BlockLayout(state, block, nq, nk, causal, window)
-    layout._lists["kv"] = (cnts[0], idxs[0], cnts[1], idxs[1])
+    if go is not None and out is None:
+        raise ValueError("go (a device flag) needs out, the layout it may leave as it was")
+    layout = _output_layout(out, (b, hq, nqb, nkb), block, nq, nk, causal, window, q.device)
+    state = layout.state
+    cnts, idxs = layout._lists["kv"][0::2], layout._lists["kv"][1::2]
     if not state.numel():
         return layout
+    pq, pk, ck = pool(q, k, (pm, pn), keep=_key_keep(mask, mask_fill, b, nk), go=go)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     left, right = band_sides(causal, window)
     offset = band_offset(causal, nq, nk)
     group = hq // k.shape[1]
     nkb_p2 = max(16, next_pow2(nkb))
     p = q  # unused with tau >= 1: every allowed block is kept
+    gate = q if go is None else go
     with sparse._device_ctx(q):
         if tau < 1.0:
             p = torch.empty((b, hq, nqb, nkb), dtype=torch.float32, device=q.device)
@@ -339,16 +363,40 @@ def predict(q: torch.Tensor, k: torch.Tensor, tau: float, *, causal: str = "none
             pieces = 64 if pq.shape[3] <= 128 else 32
             rows, kc = max(1, pieces // sub), max(1, 64 // sub)
             _score_kernel[(cdiv(nqb, rows), hq, b)](
-                pq, pk, ck, p, hq, group, nq, nk, nqb, nkb, pq.shape[2], pk.shape[2],
+                pq, pk, ck, p, gate, hq, group, nq, nk, nqb, nkb, pq.shape[2], pk.shape[2],
                 scale * _LOG2E_F, offset, left, right, PM=pm, PN=pn, SQ=sub, SK=sub, ROWS=rows,
-                KC=kc, BLOCK_D=pq.shape[3], num_warps=4 if pq.shape[3] <= 64 else 8)
+                KC=kc, BLOCK_D=pq.shape[3], GATED=go is not None,
+                num_warps=4 if pq.shape[3] <= 64 else 8)
         rows = max(16, min(64, 8192 // nkb_p2))  # query blocks per program: a bounded tile
         _select_kernel[(cdiv(nqb, rows), hq, b)](
-            p, ck, state, cnts[0], idxs[0], cnts[1], idxs[1], hq, group, nq, nk, nqb, nkb,
+            p, ck, state, cnts[0], idxs[0], cnts[1], idxs[1], gate, hq, group, nq, nk, nqb, nkb,
             pk.shape[2], offset, left, right, float(tau), MB_M=mb_m, MB_N=mb_n, SK=sub,
             KEEP_ALL=tau >= 1.0, KEEP_FIRST=keep_first, ROWS=rows, NKB_P2=nkb_p2,
-            num_warps=4 if rows * nkb_p2 <= 4096 else 8)
+            GATED=go is not None, num_warps=4 if rows * nkb_p2 <= 4096 else 8)
     return layout
+
+
+def _output_layout(out: Optional[BlockLayout], shape: tuple[int, int, int, int],
+                   block: tuple[int, int], nq: int, nk: int, causal: str,
+                   window: tuple[int, int], device: torch.device) -> BlockLayout:
+    """A new layout with empty lists for ``shape`` [B, Hq, NQB, NKB], or ``out`` after checking
+    that it was made for the same shapes, band and block (its transposed lists are dropped:
+    they would not follow an in-place refresh)."""
+    if out is None:
+        layout = BlockLayout(torch.empty(shape, dtype=torch.int8, device=device), block, nq, nk,
+                             causal, window)
+        cnts = [torch.zeros(shape[:3], dtype=torch.int32, device=device) for _ in range(2)]
+        idxs = [torch.empty(shape, dtype=torch.int32, device=device) for _ in range(2)]
+        layout._lists["kv"] = (cnts[0], idxs[0], cnts[1], idxs[1])
+        return layout
+    made = (tuple(out.state.shape), out.block, out.nq, out.nk, out.causal, tuple(out.window),
+            out.state.device)
+    want = (shape, block, nq, nk, causal, tuple(window), torch.device(device))
+    if made != want or "kv" not in out._lists:
+        raise ValueError(f"out: a layout predicted for (shape, block, Nq, Nk, causal, window, "
+                         f"device) = {want} is needed, got {made}")
+    out._lists.pop("q", None)
+    return out
 
 
 def block_masses(q: torch.Tensor, k: torch.Tensor, *, causal: str = "none",
@@ -420,32 +468,40 @@ def predict_reference(q: torch.Tensor, k: torch.Tensor, tau: float, *, causal: s
 
 # ----------------------------------------------------------------------------- reuse
 
-def _probe_cosine(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> float:
+def _probe_cosine(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """The least cosine, over (batch, head), between two probes (pooled q and k, centred over
-    blocks so that a constant offset does not hide a change)."""
-    worst = 1.0
+    blocks so that a constant offset does not hide a change): a 0-d tensor on their device."""
+    worst = []
     for x, y in zip(a, b):
         x = (x - x.mean(2, keepdim=True)).flatten(2)
         y = (y - y.mean(2, keepdim=True)).flatten(2)
-        cos = torch.nn.functional.cosine_similarity(x, y, dim=-1, eps=1e-12)
-        worst = min(worst, float(cos.min()))
-    return worst
+        worst.append(torch.nn.functional.cosine_similarity(x, y, dim=-1, eps=1e-12).amin())
+    return torch.stack(worst).amin()
 
 
 @dataclass
 class MaskReuse:
     """One site's block mask across calls: re-estimated every ``every`` calls, or earlier when
-    the probe drifts below ``min_cosine`` to the probe that produced it, or when the call's
-    shapes or arguments change. ``stats`` counts calls, estimates and drift-triggered ones."""
+    the probe drifts below ``min_cosine`` to the probe that produced it, or when the mask's
+    per-batch sums change (a new padding); a new layout when the call's shapes or arguments
+    change. ``stats`` counts calls, estimates and drift-triggered ones.
+
+    The decision stays on the device: each call computes the probe, the drift and a flag, and
+    runs the prediction kernels gated by that flag into the kept layout's buffers (they return
+    at once when it is 0), then updates the kept probe, sums and age in place. No host
+    synchronisation, and CUDA-graph replays keep deciding: nothing but a change of shapes or
+    arguments takes a host branch. ``estimate(out=None, go=None)`` predicts a layout (into
+    ``out``, gated by ``go``: :func:`predict`'s arguments)."""
 
     every: int = 8
     min_cosine: float = 0.99
     probe_rows: int = 16
     layout: Optional[BlockLayout] = None
-    stats: dict = field(default_factory=lambda: {"calls": 0, "estimates": 0, "drift": 0})
     _key: Any = None
-    _probe: Any = None
-    _age: int = 0
+    _probe: Any = None      # (pooled q, pooled k) that produced the layout
+    _sums: Any = None       # the mask's per-batch sums then (None without a mask)
+    _age: Any = None        # int32 [1]: calls since the last estimate
+    _counts: Any = None     # int64 [3]: calls, estimates, drift-triggered estimates
 
     def __post_init__(self) -> None:
         if not (isinstance(self.every, int) and self.every >= 1):
@@ -454,32 +510,43 @@ class MaskReuse:
         if not -1.0 <= self.min_cosine <= 1.0:
             raise ValueError(f"min_cosine: expected a cosine in [-1, 1], got {self.min_cosine!r}")
 
+    @property
+    def stats(self) -> dict:
+        """{"calls", "estimates", "drift"} (reads the device counters: a synchronisation)."""
+        if self._counts is None:
+            return {"calls": 0, "estimates": 0, "drift": 0}
+        calls, estimates, drift = (int(x) for x in self._counts.tolist())
+        return {"calls": calls, "estimates": estimates, "drift": drift}
+
     def __call__(self, q: torch.Tensor, k: torch.Tensor, key: Any,
-                 estimate: Callable[[], BlockLayout], block: tuple[int, int],
+                 estimate: Callable[..., BlockLayout], block: tuple[int, int],
                  mask: Optional[torch.Tensor] = None) -> BlockLayout:
-        """The layout for this call: the kept one, or ``estimate()``'s. ``key`` names the call's
-        other arguments; a change of ``mask`` (its per-batch sums: a new padding) also
-        re-estimates."""
-        self.stats["calls"] += 1
+        """The layout for this call: the kept one, refreshed in place on the device when due,
+        or a new ``estimate()`` when ``key`` (the call's other arguments), the shapes or the
+        mask's shape changed."""
         key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device, key,
                None if mask is None else (tuple(mask.shape), mask.dtype))
-        probe = None
-        if self.every > 1:
-            pq, pk, _ = pool(q, k, block, rows=self.probe_rows)
-            sums = None if mask is None else mask.reshape(mask.shape[0], -1).sum(
-                1, dtype=torch.float64)
-            probe = (pq, pk, sums)
-        fresh = self.layout is None or key != self._key or self._age + 1 >= self.every
-        if not fresh and probe[2] is not None and not torch.equal(probe[2], self._probe[2]):
-            fresh = True
-        elif not fresh and _probe_cosine(probe[:2], self._probe[:2]) < self.min_cosine:
-            fresh = True
-            self.stats["drift"] += 1
-        if fresh:
-            self.layout, self._key, self._probe, self._age = estimate(), key, probe, 0
-            self.stats["estimates"] += 1
-        else:
-            self._age += 1
+        probe = pool(q, k, block, rows=self.probe_rows)[:2] if self.every > 1 else None
+        sums = None if mask is None else mask.reshape(mask.shape[0], -1).sum(
+            1, dtype=torch.float64)
+        if self.layout is None or key != self._key or self.every == 1:
+            self.layout, self._key, self._probe, self._sums = estimate(), key, probe, sums
+            self._age = torch.zeros(1, dtype=torch.int32, device=q.device)
+            if self._counts is None:
+                self._counts = torch.zeros(3, dtype=torch.int64, device=q.device)
+            self._counts += torch.tensor([1, 1, 0], device=q.device)
+            return self.layout
+        due = self._age + 1 >= self.every                                   # [1] bool
+        changed = torch.zeros_like(due) if sums is None else (sums != self._sums).any()[None]
+        drift = (_probe_cosine(probe, self._probe) < self.min_cosine)[None] & ~due & ~changed
+        go = due | changed | drift
+        estimate(out=self.layout, go=go.to(torch.int32))
+        for kept, new in zip(self._probe, probe):
+            kept.copy_(torch.where(go, new, kept))
+        if sums is not None:
+            self._sums.copy_(torch.where(go, sums, self._sums))
+        self._age.copy_(torch.where(go, 0, self._age + 1))
+        self._counts += torch.cat([torch.ones_like(go), go, drift]).to(torch.int64)
         return self.layout
 
 
@@ -557,9 +624,9 @@ def _layout(config: SparseConfig, q: torch.Tensor, k: torch.Tensor, mask: Any, s
             causal: str, mask_fill: float, window: tuple[int, int]) -> BlockLayout:
     block = config.block or None
 
-    def estimate() -> BlockLayout:
+    def estimate(**into: Any) -> BlockLayout:
         return predict(q, k, config.tau, causal=causal, window=window, scale=scale, block=block,
-                       mask=mask, mask_fill=mask_fill)
+                       mask=mask, mask_fill=mask_fill, **into)
     if config.every == 1:
         return estimate()
     from .sparse_layout import _check_block
