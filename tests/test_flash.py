@@ -513,6 +513,25 @@ def test_property(b, hkv, group, nq, nk, d, dtype, causal, mask_kind, seed):
           mask_grad=mask_kind == "float")
 
 
+@settings(max_examples=8, deadline=None, derandomize=True, database=None)
+@given(b=st.integers(1, 2), group=st.integers(1, 2), nq=st.integers(1, 40),
+       nk=st.integers(1, 40), dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+       causal=st.sampled_from(["none", "top_left", "bottom_right"]), seed=st.integers(0, 2**16))
+def test_property_padded_finite_masks(b, group, nq, nk, dtype, causal, seed):
+    """Random transformers-style additive masks: a finite fill on each sequence's left padding
+    and on some query rows, so that rows are fully masked by a finite fill (the backward's exact
+    row statistics), with the mask's gradient. The fill is -1e9 in bf16 (beside it, an fp32 lse
+    keeps nothing of log2 l) and -65504 in fp16 (its largest)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = _qkv(gen, b=b, hq=2 * group, hkv=2, nq=nq, nk=nk, d=24, dtype=dtype)
+    pad = torch.randint(0, nk + 1, (b,), generator=gen)
+    rows = torch.rand(b, nq, generator=gen) < 0.2
+    drop = (torch.arange(nk)[None, None, :] < pad[:, None, None]) | rows[:, :, None]
+    fill = -1e9 if dtype == torch.bfloat16 else -65504.0
+    mask = torch.zeros(b, 1, nq, nk).masked_fill(drop[:, None], fill).to(DEVICE, dtype)
+    check(gen, q, k, v, mask, causal, mask_grad=True)
+
+
 # ----------------------------------------------------------------------------- soft-capping
 
 def _capped_qkv(gen, softcap, **kw):
