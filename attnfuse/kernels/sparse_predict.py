@@ -32,7 +32,8 @@ changing inputs. A site keeps its layout and re-estimates every ``every`` calls 
 *probe* (the means of the first ``probe_rows`` rows of every block, a fraction of the pooling
 reads), centred per head, has cosine < ``min_cosine`` to the probe that produced the layout.
 The decision is a device flag that gates the three kernels (``GATED``), which then refresh the
-kept layout in place: no host synchronisation, and CUDA graphs replay it.
+kept layout in place: no host synchronisation, so a CUDA graph can capture the call and its
+replays keep deciding (``test_mask_reuse_in_a_cuda_graph``, a GPU test).
 
 Registry glue: :class:`SparseConfig` names a configured kernel (``sparse:tau=0.9``, with
 ``every=``/``site=`` for reuse); ``kernel_forward``/``kernel_backward`` are its registry entry
@@ -489,7 +490,7 @@ class MaskReuse:
     The decision stays on the device: each call computes the probe, the drift and a flag, and
     runs the prediction kernels gated by that flag into the kept layout's buffers (they return
     at once when it is 0), then updates the kept probe, sums and age in place. No host
-    synchronisation, and CUDA-graph replays keep deciding: nothing but a change of shapes or
+    synchronisation, so CUDA-graph replays keep deciding: nothing but a change of shapes or
     arguments takes a host branch. ``estimate(out=None, go=None)`` predicts a layout (into
     ``out``, gated by ``go``: :func:`predict`'s arguments)."""
 
