@@ -1172,12 +1172,20 @@ def _mask_args(mask: Optional[torch.Tensor], dummy: torch.Tensor, mask_fill: flo
     return mask, strides, dict(flags, MASK_KIND=_ADD_MASK.value)
 
 
-def _exact_rows(mask_flags: dict, fill2: float) -> bool:
-    """Whether the backward reads exact row statistics (EXACT_ROWS, ``_bwd_row_stats``): with
-    finite scores of any size (an additive mask, a bool mask's finite fill) a row's lse can
-    absorb log2 of its sum; scores bounded by the model's own logits or -inf never do."""
-    kind = mask_flags["MASK_KIND"]
-    return kind == _ADD_MASK.value or (kind == _BOOL_MASK.value and math.isfinite(fill2))
+def _backward_rows(lse: torch.Tensor, common: dict) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """What the backward kernels read as each row's statistics, and its (b, h, row) strides:
+    ``lse`` itself, or, when finite scores of any size can occur (an additive mask, a bool
+    mask's finite fill: a row's lse can absorb log2 of its sum), a [B, Hq, 2, Nq] buffer for
+    the exact (m2, l2) of ``_bwd_row_stats``. Sets ``common["EXACT_ROWS"]`` accordingly."""
+    kind = common["MASK_KIND"]
+    exact = kind == _ADD_MASK.value or (kind == _BOOL_MASK.value
+                                        and math.isfinite(common["fill2"]))
+    common["EXACT_ROWS"] = exact
+    if not exact:
+        return lse, lse.stride()
+    b, hq, nq = lse.shape
+    rows = torch.empty((b, hq, 2, nq), dtype=torch.float32, device=lse.device)
+    return rows, (rows.stride(0), rows.stride(1), rows.stride(3))
 
 
 def _fill2(mask_fill: float) -> float:
@@ -1360,12 +1368,7 @@ def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         m, m_strides, mask_flags = _mask_args(mask, q, mask_fill)
         common = dict(_common(q, k, scale, causal, mask_fill, softcap, window, dropout_p),
                       DV=dv_dim, BLOCK_DV=_block(dv_dim), **mask_flags)
-        exact_rows = common["EXACT_ROWS"] = _exact_rows(mask_flags, common["fill2"])
-        # EXACT_ROWS: the backward kernels read (m2, l2) [B, Hq, 2, Nq] where they read lse.
-        rows, row_strides = lse, lse.stride()
-        if exact_rows:
-            rows = torch.empty((b, hq, 2, nq), dtype=torch.float32, device=q.device)
-            row_strides = (rows.stride(0), rows.stride(1), rows.stride(3))
+        rows, row_strides = _backward_rows(lse, common)
         delta = torch.empty((b, hq, nq), dtype=torch.float32, device=q.device)
         seed_arg = seed if common["DROPOUT"] else q
         shared = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *m_strides,
@@ -1382,7 +1385,7 @@ def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
             _bwd_preprocess[(cdiv(nq, _PREPROCESS_BLOCK_M), hq, b)](
                 out, dout, delta, *out.stride()[:3], *dout.stride()[:3], nq, dv_dim,
                 BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_DV=common["BLOCK_DV"])
-            if exact_rows:
+            if common["EXACT_ROWS"]:
                 _row_stats_launch(q, k, m, m_strides, lse, rows, common)
             _launch("dkdv", _dkdv, grid_k,
                     (q, k, v, m, dout, rows, delta, dk, dv, seed_arg, *shared, *dk.stride()[:3],

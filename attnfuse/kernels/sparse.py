@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import (_block, _bwd_preprocess, _device_ctx, _dkdv_step, _dq_step, _exact_rows,
+from .flash import (_backward_rows, _block, _bwd_preprocess, _device_ctx, _dkdv_step, _dq_step,
                     _fill2, _for_store, _fwd_step, _is_interpreted, _load, _mask_gradient,
                     _mask_row, _operand, _row_stats, _saved_stats, _stats_of, _store_stats)
 from .flash import _mask_args as flash_mask_args
@@ -510,12 +510,7 @@ def sparse_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                 None if ds is None else _mask_gradient(ds, mask))
     common = dict(_common(q, k, v, layout, scale, causal, mask_fill, window), HQ=hq,
                   **mask_flags)
-    exact_rows = common["EXACT_ROWS"] = _exact_rows(mask_flags, common["fill2"])
-    # EXACT_ROWS: the backward kernels read (m2, l2) [B, Hq, 2, Nq] where they read lse.
-    rows, row_strides = lse, lse.stride()
-    if exact_rows:
-        rows = torch.empty((b, hq, 2, nq), dtype=torch.float32, device=q.device)
-        row_strides = (rows.stride(0), rows.stride(1), rows.stride(3))
+    rows, row_strides = _backward_rows(lse, common)
     delta = torch.empty((b, hq, nq), dtype=torch.float32, device=q.device)
     shared = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *m_strides, *dout.stride()[:3],
               *row_strides)
@@ -531,7 +526,7 @@ def sparse_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
         _bwd_preprocess[(cdiv(nq, _PREPROCESS_BLOCK_M), hq, b)](
             out, dout, delta, *out.stride()[:3], *dout.stride()[:3], nq, v.shape[3],
             BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_DV=common["BLOCK_DV"])
-        if exact_rows:
+        if common["EXACT_ROWS"]:
             bm, bn = (_stats_block(mb, common["PREC"]) for mb in layout.block)
             names = ("HQ", "GROUP", "NQ", "NK", "scale", "fill2", "offset", "left", "right", "D",
                      "MASK_KIND", "MASK_ROWS_BCAST", "PREC", "EMU_BF16", "MB_M", "MB_N",
